@@ -26,6 +26,155 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field (only flags given on the command line override)."""
+    import typing
+    from dataclasses import fields
+
+    from embseg.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = f.default
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"(default: {default})")
+        elif "list" in str(kind):
+            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="N",
+                                help="per axis, e.g. 96 96 (default: from the data)")
+        else:
+            parser.add_argument(flag, default=argparse.SUPPRESS, metavar=f.name.split("_")[-1].upper(),
+                                help=f"(default: {default})")
+
+
+def _train_config(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from embseg.config import TrainConfig, config_from_dict, load_config
+
+    base = load_config(args.config) if args.config else TrainConfig()
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if "crop_size" in given and isinstance(given["crop_size"], list) and len(given["crop_size"]) == 1:
+        given["crop_size"] = given["crop_size"][0]
+    return config_from_dict(given, source="command line", base=base).validate()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from embseg.config import dump_config
+
+    config = _train_config(args)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    from embseg.train import train
+
+    model = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"model saved to {config.output} (seed_thresh {model.config.seed_thresh:.2f}, "
+          f"fg_thresh {model.config.fg_thresh:.2f}, min_size {model.config.min_size})")
+    return 0
+
+
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--tile-shape {text!r}: expected integers like 512 or 64,256,256") from None
+    if not values or any(v <= 0 for v in values):
+        raise UserError(f"--tile-shape {text!r}: values must be positive")
+    return values[0] if len(values) == 1 else values
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from embseg.io import list_inputs, read_image, write_image, write_labels
+    from embseg.model import load_model
+
+    model = load_model(args.model)
+    inputs = list_inputs(args.inputs)
+    out_dir = Path(args.output)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{out_dir}: cannot create output folder ({err.strerror})") from None
+    targets = [(p, out_dir / (p.name.split(".")[0] + ".tif")) for p in inputs]
+    existing = [t for _, t in targets if t.exists()]
+    if existing and not (args.overwrite or args.resume):
+        names = ", ".join(t.name for t in existing[:5]) + (" ..." if len(existing) > 5 else "")
+        raise UserError(f"{out_dir}: {len(existing)} output file(s) exist ({names}); "
+                        "use --resume to skip them or --overwrite")
+    tile = _parse_shape(args.tile_shape)
+    done = skipped = 0
+    for path, target in tqdm(targets, desc="predict", disable=args.quiet or len(targets) < 2):
+        if target.exists() and args.resume and not args.overwrite:
+            skipped += 1
+            continue
+        image, axes = read_image(path, axes=args.axes, ndim=model.ndim)
+        result = model.predict(image, axes=axes, tta=args.tta, tile_shape=tile, seed_thresh=args.seed_thresh,
+                               fg_thresh=args.fg_thresh, min_size=args.min_size, device=args.device,
+                               return_seeds=args.save_seeds)
+        labels, seeds = result if args.save_seeds else (result, None)
+        write_labels(target, labels, overwrite=True)
+        if seeds is not None:
+            write_image(out_dir / (target.stem + "_seeds.tif"), seeds, overwrite=True)
+        done += 1
+        if not args.quiet:
+            print(f"{path.name}: {int(labels.max())} objects -> {target}")
+    if skipped and not args.quiet:
+        print(f"skipped {skipped} finished output(s)")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from embseg.io import atomic_write, pair_folders, read_image, read_labels
+    from embseg.model import CONFIG_FILE, load_model
+    from embseg.tune import tune_thresholds
+
+    model = load_model(args.model)
+    raws, masks = [], []
+    for image_path, mask_path in pair_folders(args.images, args.masks):
+        image, axes = read_image(image_path, axes=args.axes, ndim=model.ndim)
+        raws.append(model.predict_raw(image, axes=axes, device=args.device))
+        masks.append(read_labels(mask_path, ndim=model.ndim))
+    best = tune_thresholds(raws, masks, model.config)
+    print(f"best: seed_thresh {best['seed_thresh']:.2f}, fg_thresh {best['fg_thresh']:.2f}, "
+          f"mean AP@0.5 {best['ap']:.3f}, AP@0.75 {best['ap75']:.3f}")
+    if args.dry_run:
+        return 0
+    model.config.seed_thresh = best["seed_thresh"]
+    model.config.fg_thresh = best["fg_thresh"]
+    with atomic_write(Path(model.source) / CONFIG_FILE, overwrite=True) as tmp:
+        Path(tmp).write_text(model.config.to_json())
+    print(f"thresholds written to {Path(model.source) / CONFIG_FILE}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import numpy
+    import torch
+
+    import embseg
+    from embseg.model import available_models, device_reason
+
+    print(f"embseg  {embseg.__version__}")
+    print(f"python  {platform.python_version()} ({platform.machine()})")
+    print(f"torch   {torch.__version__} (threads: {torch.get_num_threads()})")
+    print(f"numpy   {numpy.__version__}")
+    print(f"device  {device_reason(args.device)}")
+    print(f"models  {', '.join(available_models()) or '(none shipped)'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``embseg`` with all subcommands."""
     parser = argparse.ArgumentParser(prog="embseg", description=__doc__.splitlines()[0])
@@ -38,6 +187,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", help="comma-separated IoU thresholds (default by ndim)")
     p.add_argument("--json", help="write all figures to this JSON file")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("train", help="train a model on a folder of images and label masks")
+    p.add_argument("--config", help="YAML config file (flags override it)")
+    p.add_argument("--print-config", action="store_true", help="print the resulting config as YAML and exit")
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _train_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("predict", help="segment images with a model")
+    p.add_argument("inputs", nargs="+", help="image files, folders or globs")
+    p.add_argument("-m", "--model", required=True, help="model folder or shipped model name")
+    p.add_argument("-o", "--output", required=True, help="output folder for label TIFFs")
+    p.add_argument("--axes", help="axes of the input arrays, e.g. YX, CYX, ZYX, YXC")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (8x in 2D, 16x in 3D)")
+    p.add_argument("--tile-shape", help="predict in tiles of this shape, e.g. 512 or 64,256,256")
+    p.add_argument("--seed-thresh", type=float, help="seed threshold (default: the model's)")
+    p.add_argument("--fg-thresh", type=float, help="foreground threshold (default: the model's)")
+    p.add_argument("--min-size", type=int, help="minimum object size in pixels (default: the model's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--resume", action="store_true", help="skip inputs whose output already exists")
+    p.add_argument("--save-seeds", action="store_true", help="also write the seed map (<name>_seeds.tif)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("tune", help="choose clustering thresholds on a validation set")
+    p.add_argument("-m", "--model", required=True, help="model folder (its config.json is updated)")
+    p.add_argument("--images", required=True)
+    p.add_argument("--masks", required=True)
+    p.add_argument("--axes")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dry-run", action="store_true", help="print the best thresholds, change nothing")
+    p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("info", help="versions and the device that would be used")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_info)
     return parser
 
 

@@ -1,0 +1,321 @@
+"""A model = its config (JSON) + its network weights (safetensors). Loading never unpickles.
+
+A model folder holds ``config.json`` and ``model.safetensors``. Shipped models live in
+``embseg/pretrained/<name>/`` and load by name: ``load_model("nuclei-2d")``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from embseg.config import ModelConfig
+from embseg.errors import UserError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+
+
+def available_models() -> list[str]:
+    """Names of the models shipped inside the package."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / CONFIG_FILE).is_file())
+
+
+def select_device(requested: str | None = "auto") -> torch.device:
+    """Pick the device: ``cuda`` if available, else ``mps``, else ``cpu`` (for ``"auto"``)."""
+    if requested in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {requested!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {requested!r} asked for, but CUDA is not available here")
+    return device
+
+
+def device_reason(requested: str | None = "auto") -> str:
+    """Why :func:`select_device` picks what it picks (for ``embseg info``)."""
+    device = select_device(requested)
+    if requested not in (None, "auto"):
+        return f"{device} (asked for)"
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    if device.type == "mps":
+        return "mps (Apple GPU available)"
+    return "cpu (no CUDA or MPS device found)"
+
+
+def build_network(config: ModelConfig) -> torch.nn.Module:
+    """The network described by ``config`` (freshly initialised)."""
+    from embseg.net import BranchedERFNet
+
+    return BranchedERFNet(ndim=config.ndim, in_channels=config.in_channels)
+
+
+class Model:
+    """A trained embseg model: configuration plus network.
+
+    Parameters
+    ----------
+    config
+        The model configuration (dimensions, grid step, normalisation, thresholds).
+    net
+        The network; built from ``config`` if omitted.
+    """
+
+    def __init__(self, config: ModelConfig, net: torch.nn.Module | None = None) -> None:
+        self.config = config
+        self.net = net if net is not None else build_network(config)
+        self.source: str = ""
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions (2 or 3)."""
+        return self.config.ndim
+
+    def __repr__(self) -> str:
+        return f"Model(name={self.config.name!r}, ndim={self.ndim}, in_channels={self.config.in_channels})"
+
+    def halo(self) -> int:
+        """Context (pixels) each tile needs on every side for exact tiled prediction."""
+        if self.config.halo is not None:
+            return int(self.config.halo)
+        from embseg.net import receptive_field_halo
+
+        return int(receptive_field_halo(self.ndim))
+
+    def prepare(self, image: np.ndarray, axes: str | None = None, source: str = "image") -> np.ndarray:
+        """Channel-first float32 normalised image from a user array (validated against the model)."""
+        from embseg.io import to_channel_first
+        from embseg.normalize import percentile_normalize
+
+        image = np.asarray(image)
+        if axes is None:
+            if image.ndim == self.ndim:
+                axes = "ZYX"[-self.ndim:]
+            elif image.ndim == self.ndim + 1 and self.config.in_channels > 1:
+                axes = "C" + "ZYX"[-self.ndim:]
+            else:
+                raise UserError(
+                    f"{source}: a {image.ndim}D array given to a {self.ndim}D model; pass axes= "
+                    f"(e.g. {'YX' if self.ndim == 2 else 'ZYX'})"
+                )
+        array = to_channel_first(image, axes)
+        spatial = array.shape[1:]
+        if len(spatial) != self.ndim:
+            raise UserError(f"{source}: image has {len(spatial)} spatial axes ({axes}) but the model is {self.ndim}D")
+        if array.shape[0] != self.config.in_channels:
+            raise UserError(
+                f"{source}: image has {array.shape[0]} channel(s) but the model expects {self.config.in_channels}"
+            )
+        if np.iscomplexobj(array) or array.dtype.kind not in "biuf":
+            raise UserError(f"{source}: unsupported pixel type {array.dtype}")
+        array = array.astype(np.float32, copy=False)
+        if not np.isfinite(array).all():
+            raise UserError(f"{source}: image contains NaN or Inf pixels")
+        return percentile_normalize(array, self.config.norm_low, self.config.norm_high)
+
+    def predict_raw(
+        self,
+        image: np.ndarray,
+        axes: str | None = None,
+        tta: bool = False,
+        tile_shape: tuple[int, ...] | int | None = None,
+        device: str | None = "auto",
+        normalized: bool = False,
+    ) -> torch.Tensor:
+        """Raw network outputs ``(2*ndim + 1, *spatial)`` for one image (tiled, optional TTA)."""
+        from embseg.predict import predict_raw
+
+        data = image if normalized else self.prepare(image, axes)
+        dev = select_device(device)
+        self.net.to(dev)
+        return predict_raw(
+            self.net, data, self.ndim, tile_shape=_tile(tile_shape, self.ndim), halo=self.halo(),
+            tta=tta, device=dev, amp=dev.type == "cuda",
+        )
+
+    def predict(
+        self,
+        image: np.ndarray,
+        axes: str | None = None,
+        tta: bool = False,
+        tile_shape: tuple[int, ...] | int | None = None,
+        seed_thresh: float | None = None,
+        fg_thresh: float | None = None,
+        min_size: int | None = None,
+        device: str | None = "auto",
+        return_seeds: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Segment one image.
+
+        Parameters
+        ----------
+        image
+            2D ``(Y, X)`` / ``(C, Y, X)`` or 3D ``(Z, Y, X)`` / ``(C, Z, Y, X)`` array.
+        axes
+            Axes of ``image`` (e.g. ``"YX"``, ``"CYX"``, ``"ZYX"``, ``"YXC"``); inferred only when
+            unambiguous.
+        tta
+            Test-time augmentation (8 variants in 2D, 16 in 3D).
+        tile_shape
+            Predict tile by tile (with a halo) when the image is larger; ``None`` = whole image.
+        seed_thresh, fg_thresh, min_size
+            Clustering thresholds; the model's tuned values by default.
+        device
+            ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+        return_seeds
+            Also return the seed map.
+
+        Returns
+        -------
+        labels : np.ndarray
+            uint32 instance labels (0 = background).
+        seeds : np.ndarray, optional
+            float32 seediness map, when ``return_seeds``.
+        """
+        from embseg.cluster import seed_map
+
+        raw = self.predict_raw(image, axes=axes, tta=tta, tile_shape=tile_shape, device=device)
+        labels = self.cluster(raw, seed_thresh=seed_thresh, fg_thresh=fg_thresh, min_size=min_size)
+        if return_seeds:
+            return labels, seed_map(raw)
+        return labels
+
+    def cluster(
+        self,
+        raw: torch.Tensor,
+        seed_thresh: float | None = None,
+        fg_thresh: float | None = None,
+        min_size: int | None = None,
+    ) -> np.ndarray:
+        """Cluster raw outputs with the model's (or the given) thresholds."""
+        from embseg.cluster import cluster
+
+        cfg = self.config
+        for name, value in (("seed_thresh", seed_thresh), ("fg_thresh", fg_thresh)):
+            if value is not None and not 0 < value < 1:
+                raise UserError(f"{name} must be in (0, 1), got {value}")
+        if min_size is not None and min_size < 0:
+            raise UserError(f"min_size must be >= 0, got {min_size}")
+        return cluster(
+            raw,
+            cfg.grid_step,
+            seed_thresh=cfg.seed_thresh if seed_thresh is None else seed_thresh,
+            fg_thresh=cfg.fg_thresh if fg_thresh is None else fg_thresh,
+            min_size=cfg.min_size if min_size is None else min_size,
+        )
+
+    def save(self, folder: str | Path, half: bool = False, overwrite: bool = True) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``folder`` (atomically)."""
+        from safetensors.torch import save_file
+
+        import embseg
+        from embseg.io import atomic_write
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        if half:
+            state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+        cfg = replace(self.config, embseg_version=embseg.__version__)
+        with atomic_write(folder / WEIGHTS_FILE, overwrite=overwrite) as tmp:
+            save_file(state, str(tmp), metadata={"format": "embseg", "ndim": str(cfg.ndim)})
+        with atomic_write(folder / CONFIG_FILE, overwrite=overwrite) as tmp:
+            Path(tmp).write_text(cfg.to_json())
+        return folder
+
+
+def _tile(tile_shape: tuple[int, ...] | int | None, ndim: int) -> tuple[int, ...] | None:
+    if tile_shape is None:
+        return None
+    if isinstance(tile_shape, int):
+        tile_shape = (tile_shape,) * ndim
+    tile_shape = tuple(int(t) for t in tile_shape)
+    if len(tile_shape) != ndim:
+        raise UserError(f"tile shape {tile_shape} must have {ndim} values for a {ndim}D model")
+    if any(t < 8 for t in tile_shape):
+        raise UserError(f"tile shape values must be >= 8, got {tile_shape}")
+    return tile_shape
+
+
+def read_config(folder: Path) -> ModelConfig:
+    """Read and validate ``config.json`` of a model folder."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{folder}: not a model folder (no {CONFIG_FILE})")
+    try:
+        values: Any = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: corrupt model config ({err})") from None
+    return ModelConfig.from_dict(values, source=str(path))
+
+
+def read_weights(path: Path, net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Read safetensors weights and check names, shapes and dtypes against ``net``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path.parent}: no weights file {WEIGHTS_FILE}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path}: corrupt or truncated weights file ({str(err).splitlines()[0]})") from None
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise UserError(f"{path}: weights do not match the model config ({what})")
+    for key, ref in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise UserError(f"{path}: tensor {key} has shape {tuple(got.shape)}, config implies {tuple(ref.shape)}")
+        if ref.is_floating_point() != got.is_floating_point():
+            raise UserError(f"{path}: tensor {key} has dtype {got.dtype}, expected {ref.dtype}")
+        state[key] = got.to(ref.dtype)
+    return state
+
+
+def load_model(name_or_path: str | Path, device: str | None = None) -> Model:
+    """Load a model by shipped name (``"nuclei-2d"``) or from a model folder.
+
+    Loading reads JSON and safetensors only; no pickle is ever unpickled.
+    """
+    text = str(name_or_path)
+    folder = Path(text).expanduser()
+    if not folder.exists():
+        if text in available_models():
+            folder = PRETRAINED_DIR / text
+        else:
+            names = available_models()
+            from embseg.config import suggest
+
+            known = f"; shipped models: {', '.join(names)}" if names else ""
+            raise UserError(f"{text}: no such model folder or shipped model name{suggest(text, names)}{known}")
+    if folder.is_file():
+        folder = folder.parent
+    config = read_config(folder)
+    net = build_network(config)
+    net.load_state_dict(read_weights(folder / WEIGHTS_FILE, net))
+    net.eval()
+    model = Model(config, net)
+    model.source = str(folder)
+    if device is not None:
+        net.to(select_device(device))
+    return model

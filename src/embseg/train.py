@@ -1,0 +1,493 @@
+"""Training: data loading, the optimisation loop, validation, checkpoints and resume.
+
+The output folder is a model folder (``config.json`` + ``model.safetensors``, the best model by
+validation) plus ``checkpoints/last.safetensors`` + ``checkpoints/last.json`` (written atomically
+every ``checkpoint_every`` epochs; never pickled), ``log.csv`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from embseg.config import ModelConfig, TrainConfig
+from embseg.errors import UserError
+from embseg.model import Model, build_network, select_device
+
+CHECKPOINT_DIR = "checkpoints"
+LOG_FILE = "log.csv"
+LOG_FIELDS = ["epoch", "step", "lr", "loss", "instance", "variance", "seed", "val_ap", "val_iou",
+              "elapsed_s"]
+
+
+@dataclass
+class TrainingData:
+    """Normalised images and masks, split into training and validation sets."""
+
+    train_images: list[np.ndarray]
+    train_masks: list[np.ndarray]
+    val_images: list[np.ndarray]
+    val_masks: list[np.ndarray]
+    train_names: list[str]
+    val_names: list[str]
+    ndim: int
+    in_channels: int
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_pairs(images_dir: str, masks_dir: str, config: TrainConfig) -> tuple[list, list, list, int, int]:
+    from embseg.io import pair_folders, read_image, read_labels, validate_pair
+    from embseg.normalize import percentile_normalize
+
+    images, masks, names = [], [], []
+    ndim = config.ndim
+    channels = None
+    for image_path, mask_path in pair_folders(images_dir, masks_dir):
+        mask = read_labels(mask_path, ndim=ndim)
+        ndim = ndim or mask.ndim
+        image, axes = read_image(image_path, axes=config.axes, ndim=ndim)
+        validate_pair(image, axes, mask, image_path, mask_path)
+        if channels is None:
+            channels = image.shape[0]
+        elif image.shape[0] != channels:
+            raise UserError(f"{image_path}: has {image.shape[0]} channels, earlier images have {channels}")
+        image = image.astype(np.float32, copy=False)
+        if not np.isfinite(image).all():
+            raise UserError(f"{image_path}: image contains NaN or Inf pixels")
+        if not mask.any():
+            continue  # an empty mask teaches only background; keep out of the object table
+        images.append(percentile_normalize(image, config.norm_low, config.norm_high))
+        masks.append(mask)
+        names.append(image_path.name)
+    if not images:
+        raise UserError(f"{masks_dir}: no mask with any object")
+    assert ndim is not None and channels is not None
+    return images, masks, names, ndim, channels
+
+
+def load_training_data(config: TrainConfig) -> TrainingData:
+    """Read, validate and normalise the training (and validation) images and masks."""
+    from embseg.data import dataset_properties
+
+    if not config.images or not config.masks:
+        raise UserError("train: --images and --masks are required")
+    images, masks, names, ndim, channels = _read_pairs(config.images, config.masks, config)
+    if config.val_images or config.val_masks:
+        if not (config.val_images and config.val_masks):
+            raise UserError("train: give both --val-images and --val-masks, or neither")
+        v_images, v_masks, v_names, v_ndim, v_channels = _read_pairs(config.val_images, config.val_masks,
+                                                                     replace(config, ndim=ndim))
+        if (v_ndim, v_channels) != (ndim, channels):
+            raise UserError("train: validation images differ from training images in dimensions or channels")
+        t_images, t_masks, t_names = images, masks, names
+    elif len(images) < 2:
+        # One image (e.g. a single 3D volume): validate on the training image itself.
+        t_images, t_masks, t_names = images, masks, names
+        v_images, v_masks, v_names = images, masks, names
+    else:
+        rng = np.random.default_rng(config.seed)
+        order = rng.permutation(len(images))
+        n_val = min(max(1, round(config.val_fraction * len(images))), len(images) - 1)
+        val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+        t_images = [images[i] for i in train_idx]
+        t_masks = [masks[i] for i in train_idx]
+        t_names = [names[i] for i in train_idx]
+        v_images = [images[i] for i in val_idx]
+        v_masks = [masks[i] for i in val_idx]
+        v_names = [names[i] for i in val_idx]
+    if len(v_images) > config.max_val_images:
+        keep = np.random.default_rng(config.seed + 1).choice(len(v_images), config.max_val_images, replace=False)
+        keep = sorted(keep)
+        v_images = [v_images[i] for i in keep]
+        v_masks = [v_masks[i] for i in keep]
+        v_names = [v_names[i] for i in keep]
+    props = dataset_properties(t_masks, ndim)
+    return TrainingData(t_images, t_masks, v_images, v_masks, t_names, v_names, ndim, channels, props)
+
+
+def poly_lr(base_lr: float, progress: float, power: float = 0.9) -> float:
+    """Polynomial decay ``base_lr * (1 - progress) ** power``, ``progress`` clipped to [0, 1]."""
+    return base_lr * max(0.0, 1.0 - min(max(progress, 0.0), 1.0)) ** power
+
+
+def _versions() -> dict[str, str]:
+    import embseg
+
+    return {"embseg": embseg.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def model_config_for(config: TrainConfig, data: TrainingData) -> ModelConfig:
+    """The model config a training run produces (thresholds tuned later)."""
+    from embseg.embedding import grid_step
+
+    props = data.properties
+    min_size = config.min_size if config.min_size is not None else int(props.get("min_object_size", 10))
+    name = Path(config.output).name if config.output else "embseg-model"
+    return ModelConfig(
+        ndim=data.ndim,
+        in_channels=data.in_channels,
+        grid_step=list(grid_step(data.ndim, config.anisotropy, config.grid_step)),
+        anisotropy=config.anisotropy,
+        norm_low=config.norm_low,
+        norm_high=config.norm_high,
+        seed_thresh=config.seed_thresh,
+        fg_thresh=config.fg_thresh,
+        min_size=min_size,
+        crop_size=list(props["crop_size"]),
+        name=name,
+        training={"config": config.to_dict(), "seed": config.seed, "versions": _versions(),
+                  "data": {k: _jsonable(v) for k, v in props.items()}},
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple | list | np.ndarray):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], scaler: Any = None) -> None:
+    """Write the resumable state: tensors to safetensors, everything else to JSON (atomic)."""
+    from safetensors.torch import save_file
+
+    from embseg.io import atomic_write
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in net.state_dict().items():
+        tensors[f"model.{k}"] = v.detach().cpu().contiguous()
+    opt = optimizer.state_dict()
+    for pid, pstate in opt["state"].items():
+        for k, v in pstate.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous().clone()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = dict(state)
+    meta["optim_param_groups"] = opt["param_groups"]
+    meta["optim_scalars"] = {str(pid): {k: v for k, v in ps.items() if not isinstance(v, torch.Tensor)}
+                             for pid, ps in opt["state"].items()}
+    if scaler is not None:
+        meta["scaler"] = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in scaler.state_dict().items()}
+    # Weights first, then the JSON that points at them: a kill between the two leaves the
+    # previous JSON, whose epoch is older, so resume repeats at most one interval.
+    with atomic_write(folder / "last.safetensors", overwrite=True) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_write(folder / "last.json", overwrite=True) as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=1))
+
+
+def load_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: Any = None) -> dict[str, Any]:
+    """Restore net, optimizer and RNG from :func:`save_checkpoint`; returns the JSON state."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta_path, tensor_path = folder / "last.json", folder / "last.safetensors"
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise UserError(f"{folder}: no checkpoint to resume from")
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(tensor_path))
+    except (json.JSONDecodeError, SafetensorError, OSError) as err:
+        raise UserError(f"{folder}: corrupt checkpoint ({str(err).splitlines()[0]})") from None
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        net.load_state_dict(model_state)
+    except RuntimeError as err:
+        raise UserError(f"{tensor_path}: checkpoint does not match the network ({str(err).splitlines()[0]})") from None
+    opt_state: dict[str, Any] = {"param_groups": meta.pop("optim_param_groups"), "state": {}}
+    for pid, scalars in meta.pop("optim_scalars").items():
+        entry = dict(scalars)
+        for k, v in tensors.items():
+            prefix = f"optim.{pid}."
+            if k.startswith(prefix):
+                entry[k[len(prefix):]] = v
+        opt_state["state"][int(pid)] = entry
+    optimizer.load_state_dict(opt_state)
+    torch.set_rng_state(tensors["rng.torch"])
+    if scaler is not None and "scaler" in meta:
+        scaler.load_state_dict(meta.pop("scaler"))
+    return meta
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def predict_raw_images(net: torch.nn.Module, images: list[np.ndarray], ndim: int, device: torch.device,
+                       halo: int, tile: int | None = None) -> list[torch.Tensor]:
+    """Raw outputs of ``net`` for normalised images (tiled when larger than ``tile``)."""
+    from embseg.predict import predict_raw
+
+    out = []
+    for image in images:
+        tile_shape = None
+        if tile is not None and max(image.shape[1:]) > tile:
+            tile_shape = tuple(min(tile, s) for s in image.shape[1:])
+        out.append(predict_raw(net, image, ndim, tile_shape=tile_shape, halo=halo, device=device,
+                               amp=device.type == "cuda"))
+    return out
+
+
+def mean_ap(raws: list[torch.Tensor], masks: list[np.ndarray], model_config: ModelConfig,
+            seed_thresh: float, fg_thresh: float, thresh: float = 0.5) -> float:
+    """Mean over images of AP (TP/(TP+FP+FN)) at IoU ``thresh`` for given clustering thresholds."""
+    from embseg.cluster import cluster
+    from embseg.metrics import matching
+
+    scores = []
+    for raw, mask in zip(raws, masks, strict=True):
+        labels = cluster(raw, model_config.grid_step, seed_thresh=seed_thresh, fg_thresh=fg_thresh,
+                         min_size=model_config.min_size)
+        scores.append(matching(mask, labels, thresh=thresh).accuracy)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _prepare_output(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    if not config.output:
+        raise UserError("train: --output is required")
+    out = Path(config.output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output exists and is not a folder")
+    has_content = out.is_dir() and any(out.iterdir())
+    if has_content and not (resume or overwrite):
+        raise UserError(f"{out}: output folder is not empty; use --resume to continue or --overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{out}: output folder is not writable ({err.strerror})") from None
+    return out
+
+
+def _append_log(path: Path, row: dict[str, Any]) -> None:
+    from embseg.io import atomic_write
+
+    buf = _io.StringIO()
+    old = path.read_text() if path.is_file() else ""
+    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
+    if not old:
+        writer.writeheader()
+    writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in LOG_FIELDS})
+    with atomic_write(path, overwrite=True) as tmp:
+        Path(tmp).write_text(old + buf.getvalue())
+
+
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    callback: Callable[[dict[str, Any]], bool | None] | None = None,
+    data: TrainingData | None = None,
+) -> Model:
+    """Train a model as described by ``config``; returns the best model (also saved to ``output``).
+
+    Parameters
+    ----------
+    config
+        The training configuration.
+    resume
+        Continue from ``output/checkpoints/last.*``.
+    overwrite
+        Allow a non-empty output folder without resuming.
+    progress
+        Show a tqdm progress bar.
+    callback
+        Called after every epoch with the log row; returning ``True`` stops training (a
+        checkpoint and the best model are kept).
+    data
+        Pre-loaded data (skips reading ``config.images``/``config.masks``).
+    """
+    from tqdm.auto import tqdm
+
+    from embseg.data import TrainingCrops
+    from embseg.loss import spatial_embedding_loss
+    from embseg.net import receptive_field_halo
+
+    config.validate()
+    out = _prepare_output(config, resume, overwrite)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    device = select_device(config.device)
+    use_amp = bool(config.amp and device.type == "cuda")
+
+    if data is None:
+        data = load_training_data(config)
+    model_config = model_config_for(config, data)
+    crop = tuple(config.crop_size) if config.crop_size else tuple(data.properties["crop_size"])
+    if len(crop) != data.ndim:
+        raise UserError(f"config: crop_size {list(crop)} must have {data.ndim} values for {data.ndim}D data")
+    model_config.crop_size = list(crop)
+    fg_weight = config.fg_weight if config.fg_weight is not None else float(data.properties["fg_weight"])
+    spacing = tuple(s / model_config.grid_step[-1] for s in model_config.grid_step)
+    crops = TrainingCrops(data.train_images, data.train_masks, crop_size=crop,
+                          samples_per_epoch=config.samples_per_epoch,
+                          random_crop_fraction=config.random_crop_fraction, augment=config.augment,
+                          center_method=config.center, spacing=spacing, seed=config.seed)
+    net = build_network(model_config).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    step_t = torch.tensor(model_config.grid_step, dtype=torch.float32)
+    halo = receptive_field_halo(data.ndim)
+
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best": -1.0, "elapsed_s": 0.0,
+                             "model_config": json.loads(model_config.to_json())}
+    if resume:
+        ckpt_dir = out / CHECKPOINT_DIR
+        if (ckpt_dir / "last.json").is_file():
+            state = load_checkpoint(ckpt_dir, net, optimizer, scaler)
+        elif not overwrite and any(p.name != LOG_FILE for p in out.iterdir()):
+            raise UserError(f"{out}: --resume given but there is no checkpoint in {ckpt_dir}")
+    model = Model(model_config, net)
+
+    steps_per_epoch = max(1, config.samples_per_epoch // config.batch_size)
+    generator = torch.Generator()
+    start = time.monotonic() - float(state["elapsed_s"])
+    epoch = int(state["epoch"])
+    stop_requested = False
+
+    def progress_fraction(ep: float) -> float:
+        frac = ep / config.epochs
+        if config.time_limit_minutes:
+            frac = max(frac, (time.monotonic() - start) / (60.0 * config.time_limit_minutes))
+        return frac
+
+    while epoch < config.epochs and not stop_requested:
+        if config.time_limit_minutes and time.monotonic() - start >= 60.0 * config.time_limit_minutes:
+            break
+        crops.set_epoch(epoch)
+        generator.manual_seed(config.seed * 100_003 + epoch)
+        loader = torch.utils.data.DataLoader(crops, batch_size=config.batch_size, shuffle=False,
+                                             drop_last=True, num_workers=config.num_workers,
+                                             pin_memory=device.type == "cuda", generator=generator,
+                                             persistent_workers=False)
+        net.train()
+        sums = torch.zeros(4, dtype=torch.float64)
+        n_batches = 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
+                   leave=False, file=sys.stderr, dynamic_ncols=True)
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(loader):
+            lr = poly_lr(config.lr, progress_fraction(epoch + i / steps_per_epoch))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            image = batch["image"].to(device, non_blocking=True)
+            instances = batch["instances"].to(device, non_blocking=True)
+            centers = batch["centers"].to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                raw = net(image)
+            loss, parts = spatial_embedding_loss(raw.float(), instances, centers, step_t.to(device),
+                                                 fg_weight=fg_weight, w_inst=config.w_inst,
+                                                 w_var=config.w_var, w_seed=config.w_seed)
+            scaled = loss / config.virtual_batch
+            if scaler is not None:
+                scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+            if (i + 1) % config.virtual_batch == 0:
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] = int(state["step"]) + 1
+            sums += torch.stack([loss.detach().double().cpu(), parts["instance"].double().cpu(),
+                                 parts["variance"].double().cpu(), parts["seed"].double().cpu()])
+            n_batches += 1
+            if progress and (i % 5 == 0 or i + 1 == steps_per_epoch):
+                bar.set_postfix(loss=f"{sums[0].item() / n_batches:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if config.time_limit_minutes and time.monotonic() - start >= 60.0 * config.time_limit_minutes:
+                break
+        bar.close()
+        epoch += 1
+        means = (sums / max(n_batches, 1)).tolist()
+        row: dict[str, Any] = {"epoch": epoch, "step": state["step"], "lr": lr, "loss": means[0],
+                               "instance": means[1], "variance": means[2], "seed": means[3]}
+        timed_out = bool(config.time_limit_minutes) and time.monotonic() - start >= 60.0 * config.time_limit_minutes
+        last = epoch >= config.epochs or timed_out
+        if epoch % config.val_every == 0 or last:
+            raws = predict_raw_images(net, data.val_images, data.ndim, device, halo)
+            ap = mean_ap(raws, data.val_masks, model_config, model_config.seed_thresh, model_config.fg_thresh)
+            row["val_ap"] = ap
+            if ap > float(state["best"]):
+                state["best"] = ap
+                state["best_epoch"] = epoch
+                model.save(out)
+        row["elapsed_s"] = round(time.monotonic() - start, 1)
+        state["epoch"] = epoch
+        state["elapsed_s"] = time.monotonic() - start
+        _append_log(out / LOG_FILE, row)
+        if epoch % config.checkpoint_every == 0 or last:
+            save_checkpoint(out / CHECKPOINT_DIR, net, optimizer, state, scaler)
+        if progress:
+            val = f" val AP@0.5 {row['val_ap']:.3f}" if "val_ap" in row else ""
+            print(f"epoch {epoch}: loss {means[0]:.4f}{val} ({row['elapsed_s']:.0f} s)", file=sys.stderr)
+        if callback is not None and callback(row):
+            stop_requested = True
+    _plot_curves(out)
+    return finish_training(out, data, config, progress=progress)
+
+
+def finish_training(out: Path, data: TrainingData, config: TrainConfig, progress: bool = True) -> Model:
+    """Load the best model of ``out``, tune its thresholds on the validation set, save and return it."""
+    from embseg.model import load_model
+    from embseg.tune import tune_thresholds
+
+    if not (out / "model.safetensors").is_file():
+        raise UserError(f"{out}: training stopped before any model was saved")
+    model = load_model(out)
+    if config.tune:
+        device = select_device(config.device)
+        model.net.to(device)
+        raws = predict_raw_images(model.net, data.val_images, data.ndim, device, model.halo())
+        best = tune_thresholds(raws, data.val_masks, model.config)
+        model.config.seed_thresh = best["seed_thresh"]
+        model.config.fg_thresh = best["fg_thresh"]
+        model.config.training["tuning"] = best
+        if progress:
+            print(f"tuned thresholds: seed_thresh {best['seed_thresh']:.2f}, fg_thresh {best['fg_thresh']:.2f} "
+                  f"(val AP@0.5 {best['ap']:.3f})", file=sys.stderr)
+        model.net.cpu()
+        model.save(out)
+    return model
+
+
+def _plot_curves(out: Path) -> None:
+    path = out / LOG_FILE
+    if not path.is_file():
+        return
+    try:
+        from embseg.plots import plot_curves
+    except ImportError:  # plotting is optional
+        return
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    if rows:
+        plot_curves(rows, out / "curves.png")
+
