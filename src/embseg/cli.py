@@ -175,6 +175,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from embseg.demo import run_demo
+
+    result = run_demo(args.output, model_name=args.model, tta=args.tta, device=args.device)
+    print(f"model: {result['model']}")
+    print(result["table"])
+    out = result["output"]
+    print(f"\nwrote label TIFFs, overlay PNGs and {out / 'contact_sheet.png'} to {out}/ "
+          f"in {result['seconds']:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``embseg`` with all subcommands."""
     parser = argparse.ArgumentParser(prog="embseg", description=__doc__.splitlines()[0])
@@ -222,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dry-run", action="store_true", help="print the best thresholds, change nothing")
     p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("demo", help="segment the bundled sample images with a shipped model")
+    p.add_argument("--output", default="demo_output", help="output folder (default: demo_output)")
+    p.add_argument("-m", "--model", default="nuclei-2d", help="shipped model name or folder")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("info", help="versions and the device that would be used")
     p.add_argument("--device", default="auto")
