@@ -187,6 +187,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from embseg.io import read_image, read_labels
+    from embseg.model import load_model
+    from embseg.plots import explain_figure
+
+    model = load_model(args.model)
+    image, axes = read_image(args.image, axes=args.axes, ndim=model.ndim)
+    mask = read_labels(args.mask, ndim=model.ndim) if args.mask else None
+    raw = model.predict_raw(image, axes=axes, device=args.device)
+    labels = model.cluster(raw)
+    out = Path(args.output or Path(args.image).name.split(".")[0] + "_explain.png")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out}: exists; use --overwrite")
+    explain_figure(model.prepare(image, axes), raw, labels, model.config.grid_step, out, mask=mask,
+                   n_objects=args.objects)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``embseg`` with all subcommands."""
     parser = argparse.ArgumentParser(prog="embseg", description=__doc__.splitlines()[0])
@@ -241,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="test-time augmentation")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("explain", help="figure of the learnt embeddings (the paper's Fig. 1)")
+    p.add_argument("image")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--mask", help="ground-truth label image to show next to the prediction")
+    p.add_argument("-o", "--output", help="PNG path (default: <image>_explain.png)")
+    p.add_argument("--axes")
+    p.add_argument("--objects", type=int, default=6, help="number of objects to draw")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("info", help="versions and the device that would be used")
     p.add_argument("--device", default="auto")

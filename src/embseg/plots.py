@@ -121,3 +121,104 @@ def contact_sheet(panels: Sequence[tuple[np.ndarray, np.ndarray, str]], path: st
     fig.tight_layout()
     _save(fig, Path(path))
     plt.close(fig)
+
+
+def _object_embeddings(raw: Any, labels: np.ndarray, step: Sequence[float], n_objects: int, n_pixels: int,
+                       seed: int) -> list[dict[str, np.ndarray]]:
+    """For a few objects: sampled pixel embeddings, the seed pixel's centre and 0.5-level radii (pixels)."""
+    import torch
+
+    from embseg.embedding import bandwidth, embeddings, membership_radius, split_raw
+
+    ndim = labels.ndim
+    raw = torch.as_tensor(raw, dtype=torch.float32)
+    offsets, sigmas, seed_logit = split_raw(raw, ndim)
+    emb = embeddings(offsets, step).numpy()
+    sig = sigmas.numpy()
+    seediness = torch.sigmoid(seed_logit).numpy()
+    steps = np.asarray(step, dtype=np.float64).reshape((ndim,) + (1,) * 0)
+    rng = np.random.default_rng(seed)
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    if len(ids) > n_objects:
+        sizes = np.bincount(labels.ravel())[ids]
+        ids = ids[np.argsort(-sizes)][: 3 * n_objects]
+        ids = rng.choice(ids, n_objects, replace=False)
+    out = []
+    for i in ids:
+        where = np.flatnonzero(labels.ravel() == i)
+        pick = rng.choice(where, min(n_pixels, len(where)), replace=False)
+        centre_pixel = where[np.argmax(seediness.ravel()[where])]
+        e = emb.reshape(ndim, -1)
+        s = bandwidth(torch.as_tensor(sig.reshape(ndim, -1)[:, centre_pixel])).numpy()
+        out.append({
+            "pixels": np.stack(np.unravel_index(pick, labels.shape)),
+            "embedding": e[:, pick] / steps[:, None],
+            "centre": e[:, centre_pixel] / steps,
+            "radius": np.asarray(membership_radius(torch.as_tensor(s))) / steps,
+            "id": int(i),
+        })
+    return out
+
+
+def explain_figure(image: np.ndarray, raw: Any, labels: np.ndarray, step: Sequence[float], path: str | Path,
+                   mask: np.ndarray | None = None, n_objects: int = 6, n_pixels: int = 40, seed: int = 0) -> None:
+    """The method made visible (the paper's Fig. 1): image, ground truth, prediction, and for a few
+    objects the learnt embeddings of sampled pixels (dots, arrows from the pixel) inside the
+    ``phi = 0.5`` ellipse of the seed pixel's bandwidth around its centre.
+
+    3D: a row for the middle slice and a row for the maximum projection (Y, X components).
+    """
+    from matplotlib.patches import Ellipse
+
+    plt = _pyplot()
+    img = np.asarray(image, dtype=np.float32)
+    ndim = labels.ndim
+    if img.ndim == ndim + 1:
+        img = img[0]
+    objects = _object_embeddings(raw, labels, step, n_objects, n_pixels, seed)
+    views: list[tuple[str, Any]] = []
+    if ndim == 2:
+        views.append(("", lambda a: a))
+    else:
+        z = labels.shape[0] // 2
+        views.append((f" (slice z={z})", lambda a, z=z: a[z]))
+        views.append((" (max projection)", lambda a: a.max(0)))
+    n_cols = 4 if mask is not None else 3
+    fig, axes = plt.subplots(len(views), n_cols, figsize=(4 * n_cols, 4 * len(views)), dpi=100, squeeze=False)
+    colors = label_colors(len(objects), seed=seed + 1)[1:]
+    for row, (suffix, view) in enumerate(views):
+        col = 0
+        base = view(img)
+        axes[row, col].imshow(base, cmap="gray")
+        axes[row, col].set_title("image" + suffix)
+        col += 1
+        if mask is not None:
+            axes[row, col].imshow(overlay(base, view(np.asarray(mask))))
+            axes[row, col].set_title(f"ground truth ({int(np.asarray(mask).max())})" + suffix)
+            col += 1
+        axes[row, col].imshow(overlay(base, view(labels)))
+        axes[row, col].set_title(f"prediction ({int(labels.max())})" + suffix)
+        col += 1
+        ax = axes[row, col]
+        ax.imshow(base, cmap="gray")
+        for color, obj in zip(colors, objects, strict=False):
+            py, px = obj["pixels"][-2], obj["pixels"][-1]
+            ey, ex = obj["embedding"][-2], obj["embedding"][-1]
+            if ndim == 3 and row == 0:
+                keep = obj["pixels"][0] == labels.shape[0] // 2
+                py, px, ey, ex = py[keep], px[keep], ey[keep], ex[keep]
+            ax.plot(px, py, ".", color=color, markersize=2, alpha=0.6)
+            ax.plot(ex, ey, "o", color=color, markersize=3, markeredgecolor="k", markeredgewidth=0.3)
+            cy, cx = obj["centre"][-2], obj["centre"][-1]
+            ry, rx = obj["radius"][-2], obj["radius"][-1]
+            ax.add_patch(Ellipse((cx, cy), 2 * rx, 2 * ry, fill=False, color=color, linewidth=1.2))
+            ax.plot(cx, cy, "+", color=color, markersize=8)
+        ax.set_xlim(-0.5, base.shape[-1] - 0.5)
+        ax.set_ylim(base.shape[-2] - 0.5, -0.5)
+        ax.set_title("pixel embeddings and 0.5-level ellipses" + suffix)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)
