@@ -18,7 +18,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     thresholds = None
     if args.thresholds:
-        thresholds = [float(t) for t in args.thresholds.split(",")]
+        try:
+            thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+        except ValueError:
+            raise UserError(
+                f"--thresholds {args.thresholds!r}: expected comma-separated numbers, e.g. 0.5,0.75"
+            ) from None
     result = evaluate_folders(args.gt_dir, args.pred_dir, thresholds=thresholds)
     print(format_report(result))
     if args.json:
