@@ -40,6 +40,11 @@ def test_to_channel_first_transposes():
     assert out.shape == (3, 4, 5)
     assert out[2, 1, 4] == array[1, 4, 2]
     assert to_channel_first(ramp((2, 3, 4, 5)), "zcyx").shape == (3, 2, 4, 5)
+    # no C: a channel axis of length 1 is added, as the network expects
+    assert to_channel_first(ramp((4, 5)), "YX").shape == (1, 4, 5)
+    volume = ramp((2, 4, 5))
+    np.testing.assert_array_equal(to_channel_first(volume, "ZYX")[0], volume)
+    assert to_channel_first(ramp((5, 4, 2)), "XYZ").shape == (1, 2, 4, 5)
     assert canonical_axes("XZCY") == "CZYX"
 
 

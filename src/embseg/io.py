@@ -77,7 +77,7 @@ def canonical_axes(axes: str) -> str:
 
 
 def to_channel_first(array: np.ndarray, axes: str) -> np.ndarray:
-    """Transpose an array with named axes to the canonical order ``(C,)(Z,)Y,X``.
+    """Transpose an array with named axes to ``(C, (Z,) Y, X)``, the network's layout.
 
     Parameters
     ----------
@@ -89,7 +89,8 @@ def to_channel_first(array: np.ndarray, axes: str) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        A view of ``array`` with axes in the order of :func:`canonical_axes` of ``axes``.
+        A view of ``array`` with the axes in canonical order and always a channel axis first:
+        one of length 1 is added when ``axes`` has no ``C`` (so ``"YX"`` gives ``(1, Y, X)``).
 
     Raises
     ------
@@ -100,11 +101,14 @@ def to_channel_first(array: np.ndarray, axes: str) -> np.ndarray:
     --------
     >>> to_channel_first(np.zeros((4, 5, 3)), "YXC").shape
     (3, 4, 5)
+    >>> to_channel_first(np.zeros((4, 5)), "YX").shape
+    (1, 4, 5)
     """
     array = np.asarray(array)
     letters = _check_axes(axes, array.ndim, "array")
     order = [letters.index(a) for a in canonical_axes(letters)]
-    return np.transpose(array, order)
+    out = np.transpose(array, order)
+    return out if "C" in letters else out[np.newaxis]
 
 
 def _spatial_ndim(axes: str) -> int:
@@ -223,7 +227,8 @@ def read_image(
         The pixels in their stored dtype (NaN and Inf are kept: see :func:`check_finite`),
         axes ordered ``(C,)(Z,)Y,X``.
     axes : str
-        One of ``"YX"``, ``"CYX"``, ``"ZYX"``, ``"CZYX"``.
+        One of ``"YX"``, ``"CYX"``, ``"ZYX"``, ``"CZYX"``. A single-channel image has no
+        channel axis; ``to_channel_first(image, axes)`` gives the network's ``(C, ...)`` layout.
 
     Raises
     ------
