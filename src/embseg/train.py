@@ -47,7 +47,7 @@ class TrainingData:
 
 
 def _read_pairs(images_dir: str, masks_dir: str, config: TrainConfig) -> tuple[list, list, list, int, int]:
-    from embseg.io import pair_folders, read_image, read_labels, validate_pair
+    from embseg.io import pair_folders, read_image, read_labels, to_channel_first, validate_pair
     from embseg.normalize import percentile_normalize
 
     images, masks, names = [], [], []
@@ -58,6 +58,7 @@ def _read_pairs(images_dir: str, masks_dir: str, config: TrainConfig) -> tuple[l
         ndim = ndim or mask.ndim
         image, axes = read_image(image_path, axes=config.axes, ndim=ndim)
         validate_pair(image, axes, mask, image_path, mask_path)
+        image = to_channel_first(image, axes)
         if channels is None:
             channels = image.shape[0]
         elif image.shape[0] != channels:
