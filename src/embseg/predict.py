@@ -1,0 +1,298 @@
+"""Image to raw outputs to labels: tiles, forward passes (with test-time augmentation), clustering.
+
+Raw outputs (offsets, raw sigmas, seed logits) are translation-equivariant, so tiles are
+stitched as raw outputs and coordinates are added once, globally, by the clustering.
+
+Every tile is read with its halo; where the halo leaves the image it is filled by reflection,
+as if the whole image had been reflect-padded by the halo. Each tile is then padded at its end
+to a multiple of the network stride (8) and its core boundaries are multiples of 8, so a tile
+sees what a whole-image forward sees: with a halo at least the receptive field, tiled outputs
+equal whole-image outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from embseg.cluster import cluster, seed_map
+from embseg.embedding import n_output_channels
+from embseg.tiling import Tile, pad_to_multiple, tile_grid
+
+#: Output stride of the network: inputs are padded to multiples of it, tiles aligned to it.
+NETWORK_STRIDE = 8
+
+
+@dataclass(frozen=True)
+class TTATransform:
+    """One test-time augmentation: ``quarter_turns`` rotations by 90 degrees in the YX plane
+    (from Y towards X, as :func:`torch.rot90` on the last two axes), then flips.
+
+    Attributes
+    ----------
+    ndim
+        Number of spatial axes.
+    quarter_turns
+        0 to 3.
+    flip_axes
+        Spatial axes (0 = first spatial axis) flipped after the rotation.
+    """
+
+    ndim: int
+    quarter_turns: int = 0
+    flip_axes: tuple[int, ...] = ()
+
+    def _flip_dims(self) -> tuple[int, ...]:
+        return tuple(a - self.ndim for a in self.flip_axes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Transform images ``(B, C, *spatial)``."""
+        if self.quarter_turns % 4:
+            x = torch.rot90(x, self.quarter_turns, dims=(-2, -1))
+        if self.flip_axes:
+            x = torch.flip(x, self._flip_dims())
+        return x
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`forward` on the spatial axes of ``(B, C, *spatial)`` (channels untouched)."""
+        if self.flip_axes:
+            x = torch.flip(x, self._flip_dims())
+        if self.quarter_turns % 4:
+            x = torch.rot90(x, -self.quarter_turns, dims=(-2, -1))
+        return x
+
+    def transformed_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Spatial shape after :meth:`forward`."""
+        shape = tuple(shape)
+        if self.quarter_turns % 2:
+            shape = (*shape[:-2], shape[-1], shape[-2])
+        return shape
+
+    def vector_matrix(self) -> np.ndarray:
+        """Signed permutation ``A`` (``D x D``, array-axis order) with ``v_transformed = A v``.
+
+        A quarter turn sends index ``(y, x)`` of an ``(H, W)`` array to ``(W - 1 - x, y)``, so a
+        displacement ``(v_y, v_x)`` becomes ``(-v_x, v_y)``; a flip negates its axis.
+        """
+        y, x = self.ndim - 2, self.ndim - 1
+        turn = np.eye(self.ndim, dtype=np.int64)
+        turn[[y, x], [y, x]] = 0
+        turn[y, x], turn[x, y] = -1, 1
+        flip = np.eye(self.ndim, dtype=np.int64)
+        for a in self.flip_axes:
+            flip[a, a] = -1
+        return flip @ np.linalg.matrix_power(turn, self.quarter_turns % 4)
+
+    def inverse_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """Map raw outputs ``(B, 2D+1, *spatial)`` of a transformed image back to the original.
+
+        Every channel is moved back spatially; then offsets get ``v = A^T v'`` (tanh is odd, so
+        this holds for raw offsets), sigmas the same permutation without signs, the seed
+        logit is kept.
+        """
+        raw = self.inverse(raw)
+        a = self.vector_matrix()
+        source = np.abs(a).argmax(axis=0)  # v_j = a[source_j, j] * v'_source_j
+        signs = a[source, np.arange(self.ndim)]
+        if np.array_equal(source, np.arange(self.ndim)) and np.all(signs == 1):
+            return raw
+        d = self.ndim
+        channels = [*source.tolist(), *(source + d).tolist(), 2 * d]
+        scale = torch.tensor([*signs.tolist(), *[1] * (d + 1)], dtype=raw.dtype, device=raw.device)
+        return raw[:, channels] * scale.view(1, -1, *[1] * d)
+
+
+def tta_transforms(ndim: int) -> list[TTATransform]:
+    """The test-time augmentations, identity first.
+
+    2D: the 8 elements of the dihedral group (4 quarter turns, each with and without a flip of
+    Y). 3D: 4 quarter turns in YX times {none, flip Y, flip Z, flip Y and Z} = 16; Z never mixes
+    with Y or X.
+    """
+    if ndim == 2:
+        flips = [(), (0,)]
+    elif ndim == 3:
+        flips = [(), (1,), (0,), (0, 1)]
+    else:
+        raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+    return [TTATransform(ndim, k, f) for f in flips for k in range(4)]
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _tile_input(image: np.ndarray, tile: Tile, device: torch.device) -> torch.Tensor:
+    """Read region of a tile, reflect-padded by its missing halo and to the network stride."""
+    region = np.asarray(image[(slice(None), *tile.read)], dtype=np.float32)
+    if any(before or after for before, after in tile.pad):
+        region = np.pad(region, [(0, 0), *tile.pad], mode="reflect")
+    region, _ = pad_to_multiple(region, NETWORK_STRIDE, ndim=len(tile.read))
+    return torch.from_numpy(np.ascontiguousarray(region))[None].to(device)
+
+
+def _tile_outputs(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    tiles: Sequence[Tile],
+    transforms: Sequence[TTATransform],
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+) -> Iterator[tuple[Tile, torch.Tensor]]:
+    """Raw outputs on each tile core (CPU float32), averaged over ``transforms``.
+
+    Consecutive inputs of equal shape (variants of a tile, or tiles) share one forward pass
+    of at most ``batch_size``; only the tiles of the current batch are held in memory.
+    """
+    ndim = len(tiles[0].core)
+    n_channels = n_output_channels(ndim)
+    sums: dict[int, list] = {}
+    batch: list[tuple[int, TTATransform, torch.Tensor]] = []
+
+    def run_batch() -> Iterator[tuple[Tile, torch.Tensor]]:
+        x = torch.cat([item[2] for item in batch])
+        y = net(x)
+        if y.shape != (x.shape[0], n_channels, *x.shape[2:]):
+            raise ValueError(
+                f"network output {tuple(y.shape)} for input {tuple(x.shape)}; expected {n_channels} channels, same size"
+            )
+        y = y.float()
+        for j, (position, transform, _) in enumerate(batch):
+            raw = transform.inverse_raw(y[j : j + 1])[0]
+            entry = sums[position]
+            entry[0] = raw if entry[0] is None else entry[0] + raw
+            entry[1] += 1
+            if entry[1] == len(transforms):
+                del sums[position]
+                tile = tiles[position]
+                mean = entry[0] / len(transforms)
+                yield tile, mean[(slice(None), *tile.core_in_padded)].cpu()
+        batch.clear()
+
+    for position, tile in enumerate(tqdm(tiles, disable=not progress, desc="tiles", unit="tile")):
+        x = _tile_input(image, tile, device)
+        sums[position] = [None, 0]
+        for transform in transforms:
+            xt = transform.forward(x)
+            if batch and (len(batch) == batch_size or batch[-1][2].shape != xt.shape):
+                yield from run_batch()
+            batch.append((position, transform, xt))
+    if batch:
+        yield from run_batch()
+
+
+def predict_raw(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    ndim: int,
+    tile_shape: int | Sequence[int] | None = None,
+    halo: int | Sequence[int] | None = None,
+    tta: bool = False,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Raw network outputs of an image, tile by tile.
+
+    Parameters
+    ----------
+    net
+        Any module mapping ``(B, C, *S)`` to ``(B, 2*ndim+1, *S)`` for ``S`` multiples of 8.
+        It is moved to ``device`` and put in eval mode (its train/eval mode is restored).
+    image
+        Normalised image ``(C, *spatial)``; anything NumPy-sliceable (a Zarr array works:
+        only the tiles are read).
+    ndim
+        Number of spatial axes.
+    tile_shape
+        Largest tile core per axis (one int for all axes); ``None`` = the whole image as one
+        tile. Core boundaries are multiples of 8; the network sees at most the core plus twice
+        the halo, rounded up to 8.
+    halo
+        Context read around each core (per axis or one int), at least the network's receptive
+        field (``embseg.net.receptive_field_halo``) for tiles to match a whole-image pass.
+        Needed with ``tile_shape``; with ``None`` it pads the image borders by reflection.
+    tta
+        Average the raw outputs over :func:`tta_transforms`.
+    device
+        Where the network runs; the result is on the CPU.
+    amp
+        Float16 autocast on CUDA (ignored on other devices).
+    batch_size
+        Most inputs (tiles or augmented variants) per forward pass.
+    progress
+        Show a progress bar over tiles.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(2*ndim+1, *spatial)`` float32 on the CPU.
+    """
+    if image.ndim != ndim + 1:
+        raise ValueError(
+            f"image must be (C, *spatial) with {ndim} spatial axes, got shape {tuple(image.shape)}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    spatial = tuple(int(n) for n in image.shape[1:])
+    if tile_shape is None:
+        tiles = tile_grid(spatial, spatial, 0 if halo is None else halo)
+    else:
+        if halo is None:
+            raise ValueError("tiled prediction needs a halo (the network's receptive field)")
+        tiles = tile_grid(spatial, tile_shape, halo, align=NETWORK_STRIDE, balanced=True)
+    transforms = tta_transforms(ndim) if tta else [TTATransform(ndim)]
+    # Variants of equal shape next to each other, so that they share forward passes.
+    transforms = sorted(transforms, key=lambda t: t.quarter_turns % 2)
+    device = torch.device(device)
+    out = torch.empty((n_output_channels(ndim), *spatial), dtype=torch.float32)
+    was_training = net.training
+    net.to(device).eval()
+    try:
+        with torch.inference_mode(), _autocast(device, amp):
+            for tile, raw in _tile_outputs(
+                net, image, tiles, transforms, batch_size, device, progress
+            ):
+                out[(slice(None), *tile.core)] = raw
+    finally:
+        net.train(was_training)
+    return out
+
+
+def predict_labels(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    ndim: int,
+    step: Sequence[float],
+    seed_thresh: float = 0.9,
+    fg_thresh: float = 0.5,
+    min_size: int = 10,
+    tile_shape: int | Sequence[int] | None = None,
+    halo: int | Sequence[int] | None = None,
+    tta: bool = False,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Instance labels of an image: :func:`predict_raw`, then :func:`embseg.cluster.cluster`.
+
+    Returns
+    -------
+    labels : numpy.ndarray
+        ``uint32`` labels of shape ``spatial``.
+    seed : numpy.ndarray
+        ``float32`` seediness of shape ``spatial``.
+    """
+    raw = predict_raw(net, image, ndim, tile_shape, halo, tta, device, amp, batch_size, progress)
+    labels = cluster(raw, step, seed_thresh=seed_thresh, fg_thresh=fg_thresh, min_size=min_size)
+    return labels, seed_map(raw)
