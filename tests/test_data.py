@@ -32,12 +32,12 @@ def test_round_up():
 
 def test_properties_2d_hand_checked():
     a = np.zeros((100, 120), np.uint16)
-    a[10:20, 10:30] = 4  # extent (10, 20), 200 px
+    a[10:20, 10:30] = 4  # extent (max - min) (9, 19), 200 px
     b = np.zeros((90, 90), np.int32)
-    b[40:70, 20:60] = 9  # extent (30, 40), 1200 px
+    b[40:70, 20:60] = 9  # extent (29, 39), 1200 px
     props = dataset_properties([a, b], ndim=2)
-    # y: mean 20, std 10 -> 70 -> 72; x: mean 30, std 10 -> 80; YX equal -> 80
-    assert props["extent_mean"] == [20.0, 30.0] and props["extent_std"] == [10.0, 10.0]
+    # y: mean 19, std 10 -> 69 -> 72; x: mean 29, std 10 -> 79 -> 80; YX equal -> 80
+    assert props["extent_mean"] == [19.0, 29.0] and props["extent_std"] == [10.0, 10.0]
     assert props["crop_size"] == (80, 80)
     assert props["fg_weight"] == 10.0
     assert props["min_object_size"] == 200 and props["max_object_size"] == 1200
@@ -55,19 +55,19 @@ def test_properties_small_objects_give_the_minimum_crop():
 
 def test_properties_3d_hand_checked():
     a = np.zeros((20, 50, 50), np.uint16)
-    a[2:6, 5:15, 5:15] = 1  # 400 voxels, extent (4, 10, 10)
+    a[2:6, 5:15, 5:15] = 1  # 400 voxels, extent (3, 9, 9)
     b = np.zeros((40, 40, 40), np.uint16)
-    b[0:12, 0:10, 0:20] = 1  # 2400 voxels, extent (12, 10, 20)
-    b[20:22, 20:30, 20:30] = 2  # 200 voxels, extent (2, 10, 10)
+    b[0:12, 0:10, 0:20] = 1  # 2400 voxels, extent (11, 9, 19)
+    b[20:22, 20:30, 20:30] = 2  # 200 voxels, extent (1, 9, 9)
     props = dataset_properties([a, b], ndim=3)
     fg_a = (a.size - 400) / 400
     fg_b = (b.size - 2600) / 2600
     assert props["fg_weight"] == pytest.approx((fg_a + fg_b) / 2)
     assert props["min_object_size"] == 200 and props["n_objects"] == 3
-    z_mean, z_std = np.mean([4, 12, 2]), np.std([4, 12, 2])
+    z_mean, z_std = np.mean([3, 11, 1]), np.std([3, 11, 1])
     assert props["extent_mean"][0] == pytest.approx(z_mean)
-    # z: 6 + 5 * 4.32 = 27.6 -> 32, but no larger than the biggest mask's 40 rounded up
-    assert props["crop_size"][0] == min(round_up(z_mean + 5 * z_std), 40)
+    # z: 5 + 5 * 4.32 = 26.6 -> 32 (not beyond the biggest mask's 40)
+    assert props["crop_size"][0] == round_up(z_mean + 5 * z_std) == 32
     assert props["crop_size"][1] == props["crop_size"][2] == 64
 
 
@@ -76,7 +76,7 @@ def test_properties_3d_caps_z_at_the_largest_volume_and_keeps_minimum():
     m[0:18, 0:8, 0:8] = 1
     m[0:2, 30:34, 30:34] = 2
     props = dataset_properties([m], 3)
-    # z: mean 10, std 8 -> 50 -> 56, capped at round_up(18) = 24
+    # z: extents 17 and 1, mean 9, std 8 -> 49 -> 56, capped at round_up(18) = 24
     assert props["crop_size"] == (24, 64, 64)
     thin = np.zeros((4, 64, 64), np.uint16)
     thin[1:3, 5:9, 5:9] = 1
@@ -111,7 +111,14 @@ def test_properties_real_dsb(data_dir):
     assert props["fg_weight"] == 10.0
     assert props["n_objects"] == sum(int(m.max()) for m in masks)
     assert props["min_object_size"] == min(int(np.bincount(m.ravel())[1:].min()) for m in masks)
-    assert 20 < props["extent_mean"][0] < 26
+    assert 20 < props["extent_mean"][0] < 25
+
+
+def test_properties_real_usiigaci(data_dir):
+    _, masks = read_pairs(data_dir / "usiigaci" / "train")
+    props = dataset_properties(masks, 2)
+    assert props["crop_size"] == (248, 248)  # the original's automatic crop for Usiigaci
+    assert props["min_object_size"] == 2
 
 
 # -- object table ---------------------------------------------------------------------------
