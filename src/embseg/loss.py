@@ -1,0 +1,465 @@
+"""Spatial-embedding loss (Lovasz hinge + variance + seed), vectorised over objects and images.
+
+The loss follows the method's definition per image (then averaged over the batch). For each
+object ``k`` with pixels ``M_k`` and centre ``C_k``:
+
+* ``sigma_bar_k`` = mean raw sigma over ``M_k`` (per axis), ``s_k = exp(10 * sigma_bar_k)``;
+* ``var_k`` = mean over ``M_k`` and axes of ``(sigma - sigma_bar_k.detach()) ** 2``;
+* ``phi_k`` = likelihood of every crop pixel's embedding under ``(C_k, s_k)``;
+* ``inst_k`` = binary Lovasz hinge of logits ``2 * phi_k - 1`` against ``M_k`` over the crop;
+
+and ``seed = [sum_bg seed**2 + fg_weight * sum_k sum_{M_k} (seed - phi_k.detach())**2] / #pixels``;
+``loss_b = w_inst * mean_k inst_k + w_var * mean_k var_k + w_seed * seed`` (object terms 0 when
+the image has no object).
+
+How it is computed, without a Python loop over images or objects:
+
+* Per-object sums (pixel counts, sigma sums, centre coordinates, variances) are scatter-adds over
+  the flattened label image (one slot per id; ids absent from an image give empty slots that are
+  masked out, so ids need not be contiguous).
+* One gradient-free pass computes the exponent of ``phi`` for every (image, object, pixel), a
+  ``(B, K, N)`` tensor (``K`` = largest id in the batch, ``N`` = pixels per crop), to select the
+  pairs that enter the Lovasz hinge: the object's own pixels, and the background pixels that can
+  carry weight. Everything with gradient is then computed on the selected pairs only.
+* A background pixel's hinge error is ``2 * phi``, a foreground pixel's ``2 - 2 * phi``. A
+  background pixel sorted after all foreground pixels of its object has Lovasz weight exactly 0
+  (the Jaccard loss no longer changes once every foreground pixel is counted), so background
+  pixels with ``phi < 1 - max_{M_k} phi`` are dropped **exactly**. Background pixels with
+  ``phi < phi_cutoff`` (default ``1e-12``) are dropped as well; that changes an object's hinge by
+  at most ``2 * phi_cutoff`` (tested equal to the full sum within 1e-5, values and gradients).
+* The Lovasz hinge of all selected pairs is one row-wise sort of a padded ``(objects, width)``
+  matrix. The Lovasz weights (the increments of the Jaccard loss along the sorted errors) are
+  computed in closed form from the running counts of foreground ``a`` and background ``b``
+  pixels: ``1 / (G + b)`` for a foreground pixel, ``(G - a) / ((G + b) (G + b - 1))`` for a
+  background pixel (``G`` = object size), which is the standard ``jaccard[i] - jaccard[i - 1]``
+  without the float cancellation of the difference.
+
+Host synchronisations (they matter on a GPU only): reading the largest id when ``max_label`` is
+not given (the data loader's collate can compute it on the CPU), and the size of the selection
+(a ``nonzero`` and the widest row).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from embseg.embedding import bandwidth, coordinates, embeddings, likelihood, split_raw
+
+__all__ = ["DEFAULT_PHI_CUTOFF", "gt_center_iou", "lovasz_hinge_rows", "spatial_embedding_loss"]
+
+#: Background pixels with a likelihood below this for an object are left out of that object's
+#: Lovasz hinge (their hinge errors are at most ``2e-12``).
+DEFAULT_PHI_CUTOFF = 1e-12
+
+
+class _Objects(NamedTuple):
+    """Per-object quantities of a batch; slot ``i`` is instance id ``i`` (slot 0 = background)."""
+
+    labels: torch.Tensor  # (B, N) int64 instance ids of the flattened crops
+    counts: torch.Tensor  # (B, K + 1) pixel count per slot
+    present: torch.Tensor  # (B, K) bool, id k + 1 has at least one pixel
+    emb: torch.Tensor  # (B, D, N) embeddings
+    sigmas: torch.Tensor  # (B, D, N) raw sigmas
+    sigma_bar: torch.Tensor  # (B, D, K + 1) mean raw sigma per slot (0 for empty slots)
+    centre: torch.Tensor  # (B, D, K + 1) centre coordinate per slot (no gradient)
+    bandwidth: torch.Tensor  # (B, D, K + 1) s = exp(10 * sigma_bar)
+
+
+def _resolve_max_label(instances: torch.Tensor, max_label: int | None) -> int:
+    if max_label is not None:
+        if max_label < 0:
+            raise ValueError(f"max_label must be >= 0, got {max_label}")
+        return int(max_label)
+    return int(instances.max()) if instances.numel() else 0
+
+
+def _objects(
+    raw: torch.Tensor,
+    instances: torch.Tensor,
+    centers: torch.Tensor,
+    step: Sequence[float],
+    max_label: int | None,
+) -> _Objects:
+    ndim = len(step)
+    if raw.dim() != ndim + 2:
+        raise ValueError(f"raw must be (B, {2 * ndim + 1}, *S) with {ndim} spatial axes, got {tuple(raw.shape)}")
+    batch, spatial = raw.shape[0], tuple(raw.shape[2:])
+    if tuple(instances.shape) != (batch, *spatial) or tuple(centers.shape) != (batch, *spatial):
+        raise ValueError(
+            f"instances {tuple(instances.shape)} and centers {tuple(centers.shape)} must be {(batch, *spatial)}"
+        )
+    n_pixels = math.prod(spatial)
+    n_ids = _resolve_max_label(instances, max_label)
+    slots = n_ids + 1
+    dtype, device = raw.dtype, raw.device
+
+    offsets, sigmas, _ = split_raw(raw, ndim)
+    emb = embeddings(offsets, step).reshape(batch, ndim, n_pixels)
+    sigmas = sigmas.reshape(batch, ndim, n_pixels)
+    labels = instances.reshape(batch, n_pixels).long()
+    centre_ids = centers.reshape(batch, n_pixels).long()
+    # Centre pixels of ids beyond the label range cannot belong to any object.
+    centre_ids = torch.where(centre_ids <= n_ids, centre_ids, 0)
+
+    counts = torch.zeros(batch, slots, dtype=dtype, device=device).scatter_add_(
+        1, labels, torch.ones((), dtype=dtype, device=device).expand(batch, n_pixels)
+    )
+    per_axis = labels.unsqueeze(1).expand(batch, ndim, n_pixels)
+    sigma_sum = torch.zeros(batch, ndim, slots, dtype=dtype, device=device).scatter_add(2, per_axis, sigmas)
+    sigma_bar = sigma_sum / counts.clamp(min=1).unsqueeze(1)
+
+    # Centres: mean coordinate of the pixels marked in `centers` (one per object from the data
+    # pipeline), else the mean coordinate of the object's pixels. Sums in float64: exact enough
+    # for means over large objects.
+    grid = coordinates(spatial, step, device=device, dtype=torch.float64).reshape(1, ndim, n_pixels)
+    grid = grid.expand(batch, ndim, n_pixels)
+    zeros64 = torch.zeros(batch, ndim, slots, dtype=torch.float64, device=device)
+    centre_sum = zeros64.scatter_add(2, centre_ids.unsqueeze(1).expand(batch, ndim, n_pixels), grid)
+    centre_count = torch.zeros(batch, slots, dtype=torch.float64, device=device).scatter_add_(
+        1, centre_ids, torch.ones((), dtype=torch.float64, device=device).expand(batch, n_pixels)
+    )
+    member_sum = zeros64.scatter_add(2, per_axis, grid)
+    centre = torch.where(
+        centre_count.unsqueeze(1) > 0,
+        centre_sum / centre_count.clamp(min=1).unsqueeze(1),
+        member_sum / counts.to(torch.float64).clamp(min=1).unsqueeze(1),
+    ).to(dtype)
+    s = bandwidth(sigma_bar)
+    return _Objects(labels, counts, counts[:, 1:] > 0, emb, sigmas, sigma_bar, centre, s)
+
+
+def _members(objects: _Objects) -> torch.Tensor:
+    """``(B, K, N)`` bool: pixel ``n`` belongs to id ``k + 1``."""
+    n_ids = objects.present.shape[1]
+    ids = torch.arange(1, n_ids + 1, device=objects.labels.device).view(1, n_ids, 1)
+    return objects.labels.unsqueeze(1) == ids
+
+
+@torch.no_grad()
+def _exponent(objects: _Objects) -> torch.Tensor:
+    """``(B, K, N)`` exponent ``sum_d s_d (e_d - C_d) ** 2`` of every pixel for every object.
+
+    Gradient-free and with few full-size passes: it only selects the pairs that matter (and gives
+    the membership test ``phi > 0.5`` as ``exponent < ln 2`` for the IoU proxy).
+    """
+    emb = objects.emb.detach()
+    centre = objects.centre[:, :, 1:]
+    root = objects.bandwidth[:, :, 1:].detach().sqrt()
+    batch, ndim, n_pixels = emb.shape
+    shape = (batch, centre.shape[2], n_pixels)
+    q = torch.empty(shape, dtype=emb.dtype, device=emb.device)
+    t = torch.empty_like(q)
+    for d in range(ndim):
+        # sqrt(s) * e - sqrt(s) * C, then accumulate its square.
+        torch.addcmul(
+            (-root[:, d] * centre[:, d]).unsqueeze(2), root[:, d].unsqueeze(2), emb[:, d].unsqueeze(1), out=t
+        )
+        if d == 0:
+            torch.mul(t, t, out=q)
+        else:
+            q.addcmul_(t, t)
+    return q
+
+
+def _own_likelihood(objects: _Objects) -> torch.Tensor:
+    """``(B, N)`` likelihood of every pixel for its own object (background pixels: slot 0, unused)."""
+    labels = objects.labels
+    batch, ndim, n_pixels = objects.emb.shape
+    index = labels.unsqueeze(1).expand(batch, ndim, n_pixels)
+    own_centre = objects.centre.gather(2, index)
+    own_s = objects.bandwidth.detach().gather(2, index)
+    return likelihood(objects.emb.detach().transpose(0, 1), own_centre.transpose(0, 1), own_s.transpose(0, 1))
+
+
+def _lovasz_weights(
+    errors: torch.Tensor, fg: torch.Tensor, row: torch.Tensor, n_rows: int, row_fg: torch.Tensor
+) -> torch.Tensor:
+    """Lovasz weight of every element of ragged rows given as flat elements grouped by ``row``.
+
+    The Lovasz hinge of a row is ``sum(relu(errors) * weight)`` over its elements.
+
+    Parameters
+    ----------
+    errors
+        ``(A,)`` hinge errors ``1 - logit * sign`` (values only; no gradient is taken).
+    fg
+        ``(A,)`` bool labels.
+    row
+        ``(A,)`` int64 row of each element, non-decreasing (the elements of a row contiguous).
+    n_rows
+        Number of rows.
+    row_fg
+        ``(n_rows,)`` foreground count ``G`` per row (rows may omit background elements whose
+        weight is 0, never foreground ones).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(A,)`` weights, the Jaccard-loss increments at each element's rank in its row sorted by
+        decreasing error.
+    """
+    errors = errors.detach()
+    if errors.numel() == 0:
+        return torch.zeros_like(errors)
+    per_row = torch.bincount(row, minlength=n_rows)
+    start = torch.cumsum(per_row, 0) - per_row
+    width = int(per_row.max())
+    # Flat position of each element in a (n_rows, width) matrix; padding (-inf) sorts last.
+    slot = row * width + (torch.arange(row.numel(), device=row.device) - start[row])
+    padded = errors.new_full((n_rows * width,), -math.inf).index_copy_(0, slot, errors)
+    order = torch.sort(padded.view(n_rows, width), dim=1, descending=True).indices
+    fg_padded = torch.zeros(n_rows * width, dtype=torch.bool, device=row.device).index_copy_(0, slot, fg)
+    fg_sorted = fg_padded.view(n_rows, width).gather(1, order)
+    # Counts are exact integers in float32 below 2**24.
+    count_dtype = errors.dtype if width < 2**24 else torch.float64
+    fg_seen = fg_sorted.cumsum(1, dtype=count_dtype)  # a
+    rank = torch.arange(1, width + 1, device=row.device, dtype=count_dtype)
+    total = row_fg.to(count_dtype).unsqueeze(1)  # G
+    union = total + (rank - fg_seen)  # G + b
+    weight_fg = union.reciprocal()
+    weight_bg = (total - fg_seen).div_((union * (union - 1)).clamp_(min=1))
+    # A row without foreground: the Jaccard loss is 1 from its first element on.
+    weight_bg[:, 0] = torch.where(total[:, 0] == 0, 1.0, weight_bg[:, 0])
+    weight_sorted = torch.where(fg_sorted, weight_fg, weight_bg).to(errors.dtype)
+    return torch.empty_like(weight_sorted).scatter_(1, order, weight_sorted).view(-1)[slot]
+
+
+class _SelectedHinge(torch.autograd.Function):
+    """Lovasz hinge per object over selected (object, pixel) pairs.
+
+    Forward: ``phi`` of every pair (:func:`embseg.embedding.likelihood`), hinge errors, Lovasz
+    weights, loss per object. The backward is written out (``phi = exp(-q)``,
+    ``q = sum_d s_d (e_d - C_d) ** 2``) so that only ``phi`` times the hinge slope is kept per
+    pair, instead of autograd's intermediates.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        emb: torch.Tensor,
+        s: torch.Tensor,
+        centre: torch.Tensor,
+        pixel: torch.Tensor,
+        row: torch.Tensor,
+        fg: torch.Tensor,
+        row_fg: torch.Tensor,
+    ) -> torch.Tensor:
+        # emb (P, D) per pixel; s and centre (R, D) per object; pixel, row, fg (A,) per pair.
+        phi = likelihood(emb.index_select(0, pixel).T, centre.index_select(0, row).T, s.index_select(0, row).T)
+        errors = 1 - (2 * phi - 1) * (fg.to(phi.dtype) * 2 - 1)
+        n_rows = s.shape[0]
+        weight = _lovasz_weights(errors, fg, row, n_rows, row_fg)
+        loss = phi.new_zeros(n_rows).index_add_(0, row, torch.relu(errors) * weight)
+        # d loss / d phi for a unit upstream gradient (relu'(0) = 0, as autograd), times phi.
+        slope = torch.where(errors > 0, weight, 0).mul_(torch.where(fg, -2.0, 2.0)).mul_(phi)
+        ctx.save_for_backward(emb, s, centre, pixel, row, slope)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_rows: torch.Tensor):  # type: ignore[override]
+        emb, s, centre, pixel, row, slope = ctx.saved_tensors
+        # d loss / d q = -phi * d loss / d phi.
+        dq = grad_rows.index_select(0, row).mul_(slope).neg_().unsqueeze(1)
+        diff = emb.index_select(0, pixel).sub_(centre.index_select(0, row))  # e - C, (A, D)
+        grad_emb = grad_s = None
+        if ctx.needs_input_grad[0]:
+            g = diff * s.index_select(0, row) * (2 * dq)
+            grad_emb = torch.zeros_like(emb).index_add_(0, pixel, g)
+        if ctx.needs_input_grad[1]:
+            grad_s = torch.zeros_like(s).index_add_(0, row, diff.square_().mul_(dq))
+        return grad_emb, grad_s, None, None, None, None, None
+
+
+def lovasz_hinge_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary Lovasz hinge of every row (last axis) of ``logits`` against boolean ``labels``.
+
+    Parameters
+    ----------
+    logits
+        ``(..., N)`` float logits.
+    labels
+        ``(..., N)`` bool ground truth.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(...)`` loss per row: ``dot(relu(errors_sorted), lovasz_grad(labels_sorted))`` with
+        ``errors = 1 - logits * (2 * labels - 1)`` sorted in descending order. The gradient flows
+        through the errors only. A row without foreground gives ``relu`` of its largest error.
+    """
+    lead, n = logits.shape[:-1], logits.shape[-1]
+    n_rows = math.prod(lead)
+    flat = logits.reshape(n_rows, n)
+    fg = labels.reshape(n_rows, n).bool()
+    errors = 1 - flat * (fg.to(flat.dtype) * 2 - 1)
+    row = torch.arange(n_rows, device=flat.device).repeat_interleave(n)
+    errors = errors.reshape(-1)
+    with torch.no_grad():
+        weight = _lovasz_weights(errors, fg.reshape(-1), row, n_rows, fg.sum(1))
+    loss = errors.new_zeros(n_rows).index_add(0, row, torch.relu(errors) * weight)
+    return loss.reshape(lead)
+
+
+def spatial_embedding_loss(
+    raw: torch.Tensor,
+    instances: torch.Tensor,
+    centers: torch.Tensor,
+    step: Sequence[float],
+    fg_weight: float,
+    w_inst: float = 1.0,
+    w_var: float = 10.0,
+    w_seed: float = 1.0,
+    *,
+    max_label: int | None = None,
+    phi_cutoff: float = DEFAULT_PHI_CUTOFF,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Spatial-embedding loss of a batch of crops.
+
+    Parameters
+    ----------
+    raw
+        ``(B, 2D + 1, *S)`` raw network outputs (offsets, raw sigmas, seed logit; array-axis order).
+    instances
+        ``(B, *S)`` integer instance ids, 0 = background. Ids need not be contiguous: ids with no
+        pixel in an image are ignored.
+    centers
+        ``(B, *S)`` integer image holding, at each object's centre pixel, that object's id (0
+        elsewhere). The centre ``C_k`` is the coordinate of that pixel (the mean coordinate if
+        several pixels carry the id); an object without a centre pixel falls back to the mean
+        coordinate of its pixels.
+    step
+        Grid step per array axis (:func:`embseg.embedding.grid_step`); coordinates start at 0 at
+        the crop's first pixel.
+    fg_weight
+        Weight of the foreground pixels in the seed term.
+    w_inst, w_var, w_seed
+        Weights of the Lovasz (instance), variance and seed terms.
+    max_label
+        Largest instance id in the batch, or any upper bound. When None it is read from
+        ``instances``. Ids above it must not occur.
+    phi_cutoff
+        Background pixels with ``phi_k`` below this are left out of object ``k``'s Lovasz hinge
+        (see :data:`DEFAULT_PHI_CUTOFF`); 0 keeps every pixel (the literal definition).
+
+    Returns
+    -------
+    loss
+        Scalar: mean over the batch of the per-image losses. It depends on every element of
+        ``raw`` (zero gradient where the loss does not), also for crops without objects.
+    parts
+        Detached batch means of the unweighted terms: ``'instance'``, ``'variance'``, ``'seed'``.
+
+    Notes
+    -----
+    Cost: one gradient-free pass over ``(B, K, N)`` (the exponent of ``phi`` for every object and
+    pixel, to select the pixels that matter), then everything with gradient, including one
+    batched row sort, only on the selected (object, pixel) pairs: an object's own pixels plus the
+    background pixels where its ``phi >= phi_cutoff``. Selecting them is a ``nonzero`` (one host
+    synchronisation on a GPU, besides reading ``max_label`` when it is not given).
+
+    Examples
+    --------
+    >>> raw = torch.zeros(1, 5, 16, 16, requires_grad=True)
+    >>> instances = torch.zeros(1, 16, 16, dtype=torch.long)
+    >>> instances[0, 4:8, 4:8] = 1
+    >>> centers = torch.zeros_like(instances)
+    >>> centers[0, 6, 6] = 1
+    >>> loss, parts = spatial_embedding_loss(raw, instances, centers, (1 / 1023, 1 / 1023), 10.0)
+    >>> loss.backward()
+    """
+    objects = _objects(raw, instances, centers, step, max_label)
+    ndim = len(step)
+    batch = raw.shape[0]
+    labels, present = objects.labels, objects.present
+    n_ids, n_pixels = present.shape[1], labels.shape[1]
+    n_objects = present.sum(1).clamp(min=1).to(raw.dtype)
+
+    with torch.no_grad():
+        own_phi = _own_likelihood(objects)  # (B, N), the seed targets
+        pairs = _select_pairs(objects, own_phi, phi_cutoff)
+        image, obj, pixel = pairs.unbind(1)
+        row = image * n_ids + obj
+        flat_pixel = image * n_pixels + pixel
+        fg = labels.reshape(-1).index_select(0, flat_pixel) == obj + 1
+        present_rows = present.reshape(-1).nonzero().squeeze(1)
+        compact_row = (torch.cumsum(present.reshape(-1), 0) - 1).index_select(0, row)
+
+    # Lovasz hinge of every object over the selected (object, pixel) pairs.
+    emb = objects.emb.transpose(1, 2).reshape(batch * n_pixels, ndim)
+    s = objects.bandwidth[:, :, 1:].transpose(1, 2).reshape(batch * n_ids, ndim)[present_rows]
+    centre = objects.centre[:, :, 1:].transpose(1, 2).reshape(batch * n_ids, ndim)[present_rows]
+    row_fg = objects.counts[:, 1:].reshape(-1)[present_rows]
+    inst_present = _SelectedHinge.apply(emb, s, centre, flat_pixel, compact_row, fg, row_fg)
+    inst = raw.new_zeros(batch * n_ids).index_put((present_rows,), inst_present).view(batch, n_ids)
+    inst_mean = inst.sum(1) / n_objects
+
+    own_bar = objects.sigma_bar.detach().gather(2, labels.unsqueeze(1).expand(batch, ndim, n_pixels))
+    sq = ((objects.sigmas - own_bar) ** 2).sum(1)  # (B, N)
+    var_sum = torch.zeros_like(objects.counts).scatter_add(1, labels, sq)[:, 1:]
+    var = var_sum / (objects.counts[:, 1:].clamp(min=1) * ndim)
+    var_mean = torch.where(present, var, 0).sum(1) / n_objects
+
+    seed = torch.sigmoid(split_raw(raw, ndim)[2].reshape(batch, n_pixels))
+    seed_px = torch.where(labels > 0, fg_weight * (seed - own_phi) ** 2, seed**2)
+    seed_term = seed_px.sum(1) / n_pixels
+
+    per_image = w_inst * inst_mean + w_var * var_mean + w_seed * seed_term
+    loss = per_image.mean() + 0 * raw.sum()
+    parts = {
+        "instance": inst_mean.detach().mean(),
+        "variance": var_mean.detach().mean(),
+        "seed": seed_term.detach().mean(),
+    }
+    return loss, parts
+
+
+def _select_pairs(objects: _Objects, own_phi: torch.Tensor, phi_cutoff: float) -> torch.Tensor:
+    """``(A, 3)`` (image, object row, pixel) pairs that enter the Lovasz hinge, row-major.
+
+    Every foreground pixel of its own object, and the background pixels with
+    ``phi >= max(1 - max_{M_k} phi, phi_cutoff)`` (with a small margin for the rounding between
+    the two ways ``phi`` is computed). Background pixels below ``1 - max_{M_k} phi`` sort after all
+    of the object's foreground pixels, where the Lovasz weight is exactly 0.
+    """
+    members = _members(objects)
+    best = torch.zeros_like(objects.counts).scatter_reduce_(1, objects.labels, own_phi, "amax")[:, 1:]
+    eps = torch.finfo(own_phi.dtype).eps
+    keep = ((1 - best) * (1 - 1e-3) - 4 * eps).clamp(min=max(phi_cutoff, 0.0))
+    # In exponent space (phi = exp(-q)); keep = 0 gives +inf: every background pixel is kept.
+    limit = -torch.log(keep) + 1e-4
+    active = (_exponent(objects) < limit.unsqueeze(2)) & objects.present.unsqueeze(2)
+    active |= members
+    return active.nonzero()
+
+
+@torch.no_grad()
+def gt_center_iou(
+    raw: torch.Tensor,
+    instances: torch.Tensor,
+    centers: torch.Tensor,
+    step: Sequence[float],
+    *,
+    max_label: int | None = None,
+) -> torch.Tensor:
+    """IoU of ``phi_k > 0.5`` with ``M_k`` per object, the cheap validation proxy.
+
+    ``phi_k`` uses the ground-truth centre and the object's mean sigma, exactly as in the loss
+    (membership tested as ``exponent < ln 2``, the same as ``phi > 0.5`` up to rounding).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n_objects,)`` IoUs of the objects present in the batch, ordered by image, then id.
+    """
+    objects = _objects(raw, instances, centers, step, max_label)
+    predicted = _exponent(objects) < math.log(2.0)
+    members = _members(objects)
+    inter = (predicted & members).sum(-1)
+    union = (predicted | members).sum(-1)
+    iou = inter.to(raw.dtype) / union.clamp(min=1).to(raw.dtype)
+    return iou[objects.present]

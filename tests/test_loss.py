@@ -1,0 +1,391 @@
+"""Tests of the vectorised spatial-embedding loss against a literal per-object loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embseg.embedding import grid_step
+from embseg.loss import (
+    _objects,
+    _own_likelihood,
+    _select_pairs,
+    gt_center_iou,
+    lovasz_hinge_rows,
+    spatial_embedding_loss,
+)
+
+torch.set_num_threads(1)
+
+DATA = Path("/work/shared/data")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: written plainly, one image and one object at a time.
+
+
+def reference_lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary Lovasz hinge of one flat row, the textbook way (sort, cumulative sums, differences)."""
+    labels = labels.to(logits.dtype)
+    signs = 2 * labels - 1
+    errors = 1 - logits * signs
+    errors_sorted, perm = torch.sort(errors, descending=True)
+    gt_sorted = labels[perm]
+    gts = gt_sorted.sum()
+    intersection = gts - gt_sorted.cumsum(0)
+    union = gts + (1 - gt_sorted).cumsum(0)
+    jaccard = 1 - intersection / union
+    grad = jaccard.clone()
+    grad[1:] = jaccard[1:] - jaccard[:-1]
+    return torch.dot(torch.relu(errors_sorted), grad)
+
+
+def reference_loss(raw, instances, centers, step, fg_weight, w_inst=1.0, w_var=10.0, w_seed=1.0):
+    ndim = len(step)
+    batch = raw.shape[0]
+    shape = raw.shape[2:]
+    axes = [torch.arange(n, dtype=raw.dtype) * h for n, h in zip(shape, step, strict=True)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    total = 0
+    inst_parts, var_parts, seed_parts = [], [], []
+    for b in range(batch):
+        offsets = raw[b, :ndim]
+        sigma = raw[b, ndim : 2 * ndim]
+        seed = torch.sigmoid(raw[b, 2 * ndim])
+        emb = torch.tanh(offsets) + grid
+        labels = instances[b]
+        ids = [int(i) for i in torch.unique(labels) if i != 0]
+        seed_loss = (seed[labels == 0] ** 2).sum()
+        inst_loss = torch.zeros((), dtype=raw.dtype)
+        var_loss = torch.zeros((), dtype=raw.dtype)
+        for i in ids:
+            mask = labels == i
+            centre_mask = centers[b] == i
+            if centre_mask.any():
+                centre = grid[:, centre_mask].mean(1)
+            else:
+                centre = grid[:, mask].mean(1)
+            sigma_in = sigma[:, mask]
+            sigma_bar = sigma_in.mean(1)
+            var_loss = var_loss + ((sigma_in - sigma_bar.detach()[:, None]) ** 2).mean()
+            s = torch.exp(10 * sigma_bar)
+            view = (ndim,) + (1,) * ndim
+            phi = torch.exp(-(s.view(view) * (emb - centre.view(view)) ** 2).sum(0))
+            inst_loss = inst_loss + reference_lovasz_hinge((2 * phi - 1).flatten(), mask.flatten())
+            seed_loss = seed_loss + fg_weight * ((seed[mask] - phi[mask].detach()) ** 2).sum()
+        if ids:
+            inst_loss = inst_loss / len(ids)
+            var_loss = var_loss / len(ids)
+        seed_loss = seed_loss / labels.numel()
+        total = total + w_inst * inst_loss + w_var * var_loss + w_seed * seed_loss
+        inst_parts.append(inst_loss.detach())
+        var_parts.append(var_loss.detach())
+        seed_parts.append(seed_loss.detach())
+    parts = {
+        "instance": torch.stack(inst_parts).mean(),
+        "variance": torch.stack(var_parts).mean(),
+        "seed": torch.stack(seed_parts).mean(),
+    }
+    return total / batch, parts
+
+
+def reference_iou(raw, instances, centers, step):
+    ndim = len(step)
+    shape = raw.shape[2:]
+    axes = [torch.arange(n, dtype=raw.dtype) * h for n, h in zip(shape, step, strict=True)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    out = []
+    for b in range(raw.shape[0]):
+        emb = torch.tanh(raw[b, :ndim]) + grid
+        sigma = raw[b, ndim : 2 * ndim]
+        for i in [int(i) for i in torch.unique(instances[b]) if i != 0]:
+            mask = instances[b] == i
+            centre_mask = centers[b] == i
+            centre = grid[:, centre_mask].mean(1) if centre_mask.any() else grid[:, mask].mean(1)
+            s = torch.exp(10 * sigma[:, mask].mean(1))
+            view = (ndim,) + (1,) * ndim
+            phi = torch.exp(-(s.view(view) * (emb - centre.view(view)) ** 2).sum(0))
+            pred = phi > 0.5
+            out.append(float((pred & mask).sum()) / float((pred | mask).sum()))
+    return torch.tensor(out, dtype=raw.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def random_labels(rng, shape, n_objects, first_id=1, id_gap=1):
+    """Random boxes with ids first_id, first_id + id_gap, ...; centres at a random own pixel."""
+    labels = np.zeros(shape, np.int64)
+    ids = [first_id + j * id_gap for j in range(n_objects)]
+    for i in ids:
+        lo = [rng.integers(0, max(s - 3, 1)) for s in shape]
+        size = [rng.integers(2, max(3, s // 3)) for s in shape]
+        labels[tuple(slice(a, a + z) for a, z in zip(lo, size, strict=True))] = i
+    centers = np.zeros(shape, np.int64)
+    for i in ids:
+        where = np.argwhere(labels == i)
+        if len(where):
+            centers[tuple(where[rng.integers(len(where))])] = i
+    return labels, centers
+
+
+def make_raw(rng, batch, ndim, shape, dtype, offset_scale, sigma_mean, sigma_scale=0.05):
+    raw = rng.normal(size=(batch, 2 * ndim + 1, *shape))
+    raw[:, :ndim] *= offset_scale
+    raw[:, ndim : 2 * ndim] = sigma_mean + sigma_scale * raw[:, ndim : 2 * ndim]
+    return torch.tensor(raw, dtype=dtype)
+
+
+def synthetic_batch(ndim, seed=0):
+    """A batch with: normal objects, an empty image, an object without centre, id gaps."""
+    rng = np.random.default_rng(seed)
+    shape = (24, 32) if ndim == 2 else (6, 12, 16)
+    labels, centers = [], []
+    lab, cen = random_labels(rng, shape, 4)
+    labels.append(lab)
+    centers.append(cen)
+    labels.append(np.zeros(shape, np.int64))  # no objects
+    centers.append(np.zeros(shape, np.int64))
+    lab, cen = random_labels(rng, shape, 3, first_id=2, id_gap=3)  # ids 2, 5, 8
+    present = [i for i in np.unique(lab) if i]
+    cen[cen == present[0]] = 0  # this object falls back to its mean coordinate
+    labels.append(lab)
+    centers.append(cen)
+    instances = torch.tensor(np.stack(labels))
+    centres = torch.tensor(np.stack(centers))
+    # Coarse steps so that phi takes every value in [0, 1] on these small crops.
+    step = (1 / 40, 1 / 50) if ndim == 2 else (2 / 40, 1 / 40, 1 / 50)
+    return instances, centres, step, rng, shape
+
+
+def assert_matches_reference(raw, instances, centers, step, fg_weight, rtol, atol, **kwargs):
+    mine_raw = raw.clone().requires_grad_()
+    ref_raw = raw.clone().requires_grad_()
+    loss, parts = spatial_embedding_loss(mine_raw, instances, centers, step, fg_weight, **kwargs)
+    ref, ref_parts = reference_loss(ref_raw, instances, centers, step, fg_weight)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=rtol, atol=atol)
+    for key in ("instance", "variance", "seed"):
+        torch.testing.assert_close(parts[key], ref_parts[key], rtol=rtol, atol=atol)
+    scale = ref_raw.grad.abs().max()
+    torch.testing.assert_close(mine_raw.grad, ref_raw.grad, rtol=rtol, atol=atol * scale)
+    return loss, ref_raw.grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_lovasz_rows_match_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 200, dtype=torch.float64, requires_grad=True)
+    labels = torch.rand(5, 200) < 0.3
+    labels[3] = False  # a row without foreground
+    labels[4] = True  # a row without background
+    mine = lovasz_hinge_rows(logits, labels)
+    ref = torch.stack([reference_lovasz_hinge(logits[i], labels[i]) for i in range(5)])
+    torch.testing.assert_close(mine, ref, rtol=1e-12, atol=1e-12)
+    g_mine = torch.autograd.grad(mine.sum(), logits)[0]
+    g_ref = torch.autograd.grad(ref.sum(), logits)[0]
+    torch.testing.assert_close(g_mine, g_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("phi_cutoff", [0.0, 1e-12])
+def test_loss_matches_reference_float64(ndim, phi_cutoff):
+    instances, centers, step, rng, shape = synthetic_batch(ndim)
+    for sigma_mean in (-0.1, 0.3):
+        raw = make_raw(rng, 3, ndim, shape, torch.float64, offset_scale=0.05, sigma_mean=sigma_mean)
+        _, grad = assert_matches_reference(
+            raw, instances, centers, step, 10.0, rtol=1e-8, atol=1e-10, phi_cutoff=phi_cutoff
+        )
+        # The object terms contribute: offsets and sigmas have gradient.
+        assert grad[:, : 2 * ndim].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_loss_float32_close_to_float64_reference(ndim):
+    instances, centers, step, rng, shape = synthetic_batch(ndim, seed=1)
+    raw64 = make_raw(rng, 3, ndim, shape, torch.float64, offset_scale=0.05, sigma_mean=0.2)
+    raw32 = raw64.float().requires_grad_()
+    loss32, _ = spatial_embedding_loss(raw32, instances, centers, step, 10.0)
+    loss32.backward()
+    raw64 = raw64.requires_grad_()
+    ref, _ = reference_loss(raw64, instances, centers, step, 10.0)
+    ref.backward()
+    torch.testing.assert_close(loss32.double(), ref, rtol=1e-5, atol=1e-6)
+    scale = raw64.grad.abs().max()
+    torch.testing.assert_close(raw32.grad.double(), raw64.grad, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_weights_are_used():
+    instances, centers, step, rng, shape = synthetic_batch(2, seed=2)
+    raw = make_raw(rng, 3, 2, shape, torch.float64, offset_scale=0.05, sigma_mean=0.2)
+    loss, parts = spatial_embedding_loss(raw, instances, centers, step, 3.0, w_inst=0.5, w_var=2.0, w_seed=4.0)
+    ref, _ = reference_loss(raw, instances, centers, step, 3.0, w_inst=0.5, w_var=2.0, w_seed=4.0)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    expected = 0.5 * parts["instance"] + 2.0 * parts["variance"] + 4.0 * parts["seed"]
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_max_label_upper_bound_gives_same_result():
+    instances, centers, step, rng, shape = synthetic_batch(2, seed=3)
+    raw = make_raw(rng, 3, 2, shape, torch.float64, offset_scale=0.05, sigma_mean=0.2)
+    a, _ = spatial_embedding_loss(raw, instances, centers, step, 10.0)
+    b, _ = spatial_embedding_loss(raw, instances, centers, step, 10.0, max_label=int(instances.max()) + 7)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_multiple_centre_pixels_use_their_mean():
+    instances, centers, step, rng, shape = synthetic_batch(2, seed=4)
+    ids = [int(i) for i in torch.unique(instances[0]) if i]
+    where = torch.nonzero(instances[0] == ids[0])
+    centers[0, where[0, 0], where[0, 1]] = ids[0]
+    centers[0, where[-1, 0], where[-1, 1]] = ids[0]
+    raw = make_raw(rng, 3, 2, shape, torch.float64, offset_scale=0.05, sigma_mean=0.2)
+    assert_matches_reference(raw, instances, centers, step, 10.0, rtol=1e-8, atol=1e-10)
+
+
+def test_no_objects_keeps_graph_alive():
+    raw = torch.randn(2, 5, 16, 16, requires_grad=True)
+    instances = torch.zeros(2, 16, 16, dtype=torch.long)
+    loss, parts = spatial_embedding_loss(raw, instances, instances.clone(), grid_step(2), 10.0)
+    loss.backward()
+    assert raw.grad is not None
+    assert torch.all(raw.grad[:, :4] == 0)
+    assert raw.grad[:, 4].abs().sum() > 0  # the seed is pulled to 0 on background
+    assert parts["instance"] == 0 and parts["variance"] == 0
+    expected = (torch.sigmoid(raw[:, 4].detach()) ** 2).mean()
+    torch.testing.assert_close(loss.detach(), expected)
+
+
+def test_bad_shapes_raise():
+    raw = torch.zeros(1, 5, 8, 8)
+    with pytest.raises(ValueError):
+        spatial_embedding_loss(raw, torch.zeros(1, 8, 9, dtype=torch.long), torch.zeros(1, 8, 9, dtype=torch.long),
+                               grid_step(2), 10.0)
+    with pytest.raises(ValueError):
+        spatial_embedding_loss(raw, torch.zeros(1, 8, 8, dtype=torch.long), torch.zeros(1, 8, 8, dtype=torch.long),
+                               grid_step(3), 10.0)
+
+
+def test_cutoff_prunes_and_stays_equal_on_realistic_outputs():
+    """Near the network's initial state (large bandwidth), pruning is exact to 1e-5."""
+    rng = np.random.default_rng(5)
+    shape = (64, 64)
+    labels, centers = [], []
+    for _ in range(2):
+        lab, cen = random_labels(rng, shape, 12)
+        labels.append(lab)
+        centers.append(cen)
+    instances, centres = torch.tensor(np.stack(labels)), torch.tensor(np.stack(centers))
+    step = grid_step(2)
+    raw = make_raw(rng, 2, 2, shape, torch.float32, offset_scale=0.004, sigma_mean=0.9)
+    # The selection really prunes here (far fewer pairs than objects x pixels).
+    objects = _objects(raw, instances, centres, step, None)
+    n_pairs = _select_pairs(objects, _own_likelihood(objects), 1e-12).shape[0]
+    assert n_pairs < 0.5 * objects.present.sum() * instances[0].numel()
+    results = []
+    for cutoff in (0.0, 1e-12, 1e-6):
+        r = raw.clone().requires_grad_()
+        loss, _ = spatial_embedding_loss(r, instances, centres, step, 10.0, phi_cutoff=cutoff)
+        loss.backward()
+        results.append((loss.detach(), r.grad))
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=0)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-5, atol=1e-5 * results[0][1].abs().max())
+
+
+def test_gt_center_iou_matches_reference():
+    instances, centers, step, rng, shape = synthetic_batch(2, seed=6)
+    raw = make_raw(rng, 3, 2, shape, torch.float64, offset_scale=0.03, sigma_mean=0.3)
+    iou = gt_center_iou(raw, instances, centers, step)
+    ref = reference_iou(raw, instances, centers, step)
+    assert iou.shape == ref.shape == (7,)
+    torch.testing.assert_close(iou, ref)
+    assert 0 < float(iou.mean()) < 1
+
+
+def test_gt_center_iou_is_one_for_perfect_outputs():
+    # Offsets that move every pixel onto its object's centre and a tight bandwidth: IoU 1.
+    instances, centers, step, _, shape = synthetic_batch(2, seed=7)
+    ndim = 2
+    axes = [torch.arange(n, dtype=torch.float64) * h for n, h in zip(shape, step, strict=True)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    raw = torch.zeros(3, 5, *shape, dtype=torch.float64)
+    # s = exp(9): the 0.5-level radius (0.009 units) is below one pixel step (0.02 units), so
+    # distinct centres never capture each other's pixels.
+    raw[:, ndim : 2 * ndim] = 0.9
+    for b in range(3):
+        for i in [int(i) for i in torch.unique(instances[b]) if i]:
+            mask = instances[b] == i
+            cm = centers[b] == i
+            c = grid[:, cm].mean(1) if cm.any() else grid[:, mask].mean(1)
+            for d in range(ndim):
+                raw[b, d][mask] = torch.atanh(c[d] - grid[d][mask])
+        bg = instances[b] == 0
+        raw[b, :ndim, bg] = 1.0  # push the background far away (tanh(1) = 0.76 units)
+    iou = gt_center_iou(raw, instances, centers, step)
+    torch.testing.assert_close(iou, torch.ones_like(iou))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real crops
+
+
+def first_pixel_centres(labels: np.ndarray) -> np.ndarray:
+    """Centre image with each object's first pixel in C order."""
+    centres = np.zeros_like(labels)
+    flat = labels.ravel()
+    ids, first = np.unique(flat, return_index=True)
+    for i, f in zip(ids, first, strict=True):
+        if i:
+            centres.flat[f] = i
+    return centres
+
+
+def relabel(labels: np.ndarray) -> np.ndarray:
+    ids = np.unique(labels)
+    lut = np.zeros(int(labels.max()) + 1, np.int64)
+    lut[ids] = np.arange(len(ids))
+    return lut[labels]
+
+
+@pytest.mark.skipif(not (DATA / "dsb2018_fluo/train/masks").is_dir(), reason="real data not available")
+def test_loss_on_real_dsb_crops():
+    tifffile = pytest.importorskip("tifffile")
+    files = sorted((DATA / "dsb2018_fluo/train/masks").glob("*.tif"))[:6]
+    crops = []
+    for f in files:
+        mask = tifffile.imread(f)
+        if min(mask.shape) < 96:
+            continue
+        crop = relabel(mask[:96, :96].astype(np.int64))
+        if crop.max() >= 3:
+            crops.append(crop)
+        if len(crops) == 3:
+            break
+    assert crops, "no usable DSB crop"
+    instances = torch.tensor(np.stack(crops))
+    centres = torch.tensor(np.stack([first_pixel_centres(c) for c in crops]))
+    rng = np.random.default_rng(8)
+    raw = make_raw(rng, len(crops), 2, (96, 96), torch.float64, offset_scale=0.004, sigma_mean=0.9)
+    assert_matches_reference(raw, instances, centres, grid_step(2), 10.0, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.skipif(not (DATA / "qcanet_embryo_3d/train/masks").is_dir(), reason="real data not available")
+def test_loss_on_real_3d_crop():
+    tifffile = pytest.importorskip("tifffile")
+    mask = tifffile.imread(next(iter(sorted((DATA / "qcanet_embryo_3d/train/masks").glob("*.tif")))))
+    crop = relabel(mask[16:32, 30:78, 30:78].astype(np.int64))
+    assert crop.max() >= 2
+    instances = torch.tensor(crop[None])
+    centres = torch.tensor(first_pixel_centres(crop)[None])
+    rng = np.random.default_rng(9)
+    raw = make_raw(rng, 1, 3, crop.shape, torch.float64, offset_scale=0.004, sigma_mean=0.8)
+    assert_matches_reference(raw, instances, centres, grid_step(3, anisotropy=2.18), 35.0, rtol=1e-5, atol=1e-8)

@@ -1,0 +1,136 @@
+"""Tests of the branched ERFNet: size, layout, initialisation, stride and receptive field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from embseg.net import BranchedERFNet, receptive_field_halo, receptive_field_radius
+
+torch.set_num_threads(1)
+
+
+def n_params(net: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable_only)
+
+
+def randomise_outputs(net: BranchedERFNet, seed: int = 0) -> BranchedERFNet:
+    """Give the zero-initialised offset/sigma output weights random values (for RF tests)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for d in net.decoders:
+            d.output_conv.weight.copy_(0.5 * torch.randn(d.output_conv.weight.shape, generator=g))
+    return net
+
+
+@pytest.mark.parametrize(("ndim", "expected"), [(2, 2_252_624), (3, 3_690_146)])
+def test_parameter_counts_match_reference(ndim, expected):
+    net = BranchedERFNet(ndim)
+    assert n_params(net) == expected
+    # The unused encoder head (128 -> 2 * ndim + 1, 1x1) is frozen, so nothing trainable is unused.
+    head = 128 * (2 * ndim + 1) + 2 * ndim + 1
+    assert n_params(net, trainable_only=True) == expected - head
+
+
+def test_three_input_channels():
+    net = BranchedERFNet(2, in_channels=3)
+    # Only the first downsampler's conv changes: (16 - C) * C * 9 + (16 - C) parameters.
+    assert n_params(net) == 2_252_624 - (15 * 1 * 9 + 15) + (13 * 3 * 9 + 13)
+    out = net.eval()(torch.randn(2, 3, 32, 40))
+    assert out.shape == (2, 5, 32, 40)
+    with pytest.raises(ValueError, match="expected input"):
+        net(torch.randn(2, 1, 32, 40))
+
+
+@pytest.mark.parametrize(("ndim", "shape"), [(2, (64, 64)), (3, (16, 32, 32))])
+def test_output_shape_and_init(ndim, shape):
+    torch.manual_seed(0)
+    net = BranchedERFNet(ndim)
+    conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+    assert all(not isinstance(m, nn.Conv2d | nn.Conv3d) or isinstance(m, conv) for m in net.modules())
+    x = torch.randn(2, 1, *shape)
+    for mode in (net.train(), net.eval()):
+        out = mode(x)
+        assert out.shape == (2, 2 * ndim + 1, *shape)
+        # At init: offsets 0 and sigmas 1 everywhere; the seed logit varies.
+        assert torch.all(out[:, :ndim] == 0)
+        assert torch.all(out[:, ndim : 2 * ndim] == 1)
+        assert out[:, 2 * ndim].std() > 0
+    weight = net.decoders[0].output_conv.weight
+    assert torch.all(weight == 0)
+    assert torch.all(net.decoders[0].output_conv.bias == torch.tensor([0.0] * ndim + [1.0] * ndim))
+    assert net.decoders[1].output_conv.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("ndim", "shape"), [(2, (64, 60)), (2, (12, 64)), (3, (16, 32, 20))])
+def test_size_not_multiple_of_8_raises(ndim, shape):
+    net = BranchedERFNet(ndim)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        net(torch.zeros(1, 1, *shape))
+
+
+def test_invalid_ndim_raises():
+    with pytest.raises(ValueError):
+        BranchedERFNet(4)
+    with pytest.raises(ValueError):
+        receptive_field_halo(1)
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    net = BranchedERFNet(2).train()
+    out = net(torch.randn(2, 1, 32, 32))
+    out.square().mean().backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_channels_last_gives_same_output():
+    torch.manual_seed(1)
+    net = randomise_outputs(BranchedERFNet(2)).eval()
+    x = torch.randn(2, 1, 64, 48)
+    with torch.no_grad():
+        ref = net(x)
+        net_cl = net.to(memory_format=torch.channels_last)
+        out = net_cl(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_receptive_field_radius_is_exact():
+    """The gradient of one output pixel w.r.t. the input reaches exactly the computed radius."""
+    torch.manual_seed(2)
+    net = randomise_outputs(BranchedERFNet(2)).eval()
+    radius = receptive_field_radius(2)
+    assert radius == 622
+    width, centre = 2048, 1024
+    # One sample per output phase modulo 8 (samples are independent in eval mode).
+    x = torch.randn(8, 1, 16, width, requires_grad=True)
+    out = net(x)
+    phases = torch.arange(8)
+    out[phases, :, 8, centre + phases].sum().backward()
+    support = x.grad[:, 0].abs().sum(1) > 0  # (8, width)
+    reach = []
+    for p in range(8):
+        nz = torch.nonzero(support[p]).squeeze(1)
+        reach.append(max(centre + p - int(nz.min()), int(nz.max()) - centre - p))
+    assert max(reach) == radius
+    assert receptive_field_halo(2) == receptive_field_halo(3) == 624
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_tile_with_halo_reproduces_whole_image(ndim):
+    torch.manual_seed(3)
+    net = randomise_outputs(BranchedERFNet(ndim), seed=ndim).eval()
+    halo = receptive_field_halo(ndim)
+    # A strip: the halo is needed along the last axis only; other axes are covered whole.
+    x = torch.randn((1, 1) + (8,) * (ndim - 1) + (1600,))
+    core = slice(720, 880)
+    lo, hi = core.start - halo, core.stop + halo
+    assert lo % 8 == 0 and hi % 8 == 0
+    with torch.no_grad():
+        whole = net(x)[..., core]
+        tile = net(x[..., lo:hi])[..., halo : halo + 160]
+        assert (tile - whole).abs().max() < 1e-5 * whole.abs().max()
+        # A much smaller halo does not reproduce it: the check can fail.
+        small = net(x[..., core.start - 64 : core.stop + 64])[..., 64:224]
+        assert (small - whole).abs().max() > 1e-4 * whole.abs().max()
