@@ -232,19 +232,9 @@ def load_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.O
 # ----------------------------------------------------------------------------- validation
 
 
-def predict_raw_images(net: torch.nn.Module, images: list[np.ndarray], ndim: int, device: torch.device,
-                       halo: int, tile: int | None = None) -> list[torch.Tensor]:
-    """Raw outputs of ``net`` for normalised images (tiled when larger than ``tile``)."""
-    from embseg.predict import predict_raw
-
-    out = []
-    for image in images:
-        tile_shape = None
-        if tile is not None and max(image.shape[1:]) > tile:
-            tile_shape = tuple(min(tile, s) for s in image.shape[1:])
-        out.append(predict_raw(net, image, ndim, tile_shape=tile_shape, halo=halo, device=device,
-                               amp=device.type == "cuda"))
-    return out
+def predict_raw_images(model: Model, images: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Raw outputs of ``model`` for normalised images (tiled automatically when large)."""
+    return [model.predict_raw(image, normalized=True, device=str(device)) for image in images]
 
 
 def mean_ap(raws: list[torch.Tensor], masks: list[np.ndarray], model_config: ModelConfig,
@@ -326,7 +316,6 @@ def train(
 
     from embseg.data import TrainingCrops
     from embseg.loss import spatial_embedding_loss
-    from embseg.net import receptive_field_halo
 
     config.validate()
     out = _prepare_output(config, resume, overwrite)
@@ -353,7 +342,6 @@ def train(
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     step_t = torch.tensor(model_config.grid_step, dtype=torch.float32)
-    halo = receptive_field_halo(data.ndim)
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best": -1.0, "elapsed_s": 0.0,
                              "model_config": json.loads(model_config.to_json())}
@@ -433,7 +421,7 @@ def train(
         timed_out = bool(config.time_limit_minutes) and time.monotonic() - start >= 60.0 * config.time_limit_minutes
         last = epoch >= config.epochs or timed_out
         if epoch % config.val_every == 0 or last:
-            raws = predict_raw_images(net, data.val_images, data.ndim, device, halo)
+            raws = predict_raw_images(model, data.val_images, device)
             ap = mean_ap(raws, data.val_masks, model_config, model_config.seed_thresh, model_config.fg_thresh)
             row["val_ap"] = ap
             if ap > float(state["best"]):
@@ -466,7 +454,7 @@ def finish_training(out: Path, data: TrainingData, config: TrainConfig, progress
     if config.tune:
         device = select_device(config.device)
         model.net.to(device)
-        raws = predict_raw_images(model.net, data.val_images, data.ndim, device, model.halo())
+        raws = predict_raw_images(model, data.val_images, device)
         best = tune_thresholds(raws, data.val_masks, model.config)
         model.config.seed_thresh = best["seed_thresh"]
         model.config.fg_thresh = best["fg_thresh"]
