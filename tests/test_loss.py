@@ -389,3 +389,15 @@ def test_loss_on_real_3d_crop():
     rng = np.random.default_rng(9)
     raw = make_raw(rng, 1, 3, crop.shape, torch.float64, offset_scale=0.004, sigma_mean=0.8)
     assert_matches_reference(raw, instances, centres, grid_step(3, anisotropy=2.18), 35.0, rtol=1e-5, atol=1e-8)
+
+
+def test_half_precision_outputs_are_computed_in_float32():
+    instances, centers, step, rng, shape = synthetic_batch(2, seed=10)
+    raw = make_raw(rng, 3, 2, shape, torch.float32, offset_scale=0.05, sigma_mean=0.2)
+    half = raw.to(torch.bfloat16).requires_grad_()
+    loss, _ = spatial_embedding_loss(half, instances.int(), centers.short(), step, 10.0)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad.float()).all()
+    ref, _ = spatial_embedding_loss(half.detach().float(), instances, centers, step, 10.0)
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-6, atol=1e-7)

@@ -41,6 +41,9 @@ def test_three_input_channels():
     assert out.shape == (2, 5, 32, 40)
     with pytest.raises(ValueError, match="expected input"):
         net(torch.randn(2, 1, 32, 40))
+    # More input channels than the first block's 16 outputs: no pooled branch, still works.
+    many = BranchedERFNet(2, in_channels=20).eval()
+    assert many(torch.randn(1, 20, 16, 16)).shape == (1, 5, 16, 16)
 
 
 @pytest.mark.parametrize(("ndim", "shape"), [(2, (64, 64)), (3, (16, 32, 32))])

@@ -357,10 +357,15 @@ def spatial_embedding_loss(
     Notes
     -----
     Cost: one gradient-free pass over ``(B, K, N)`` (the exponent of ``phi`` for every object and
-    pixel, to select the pixels that matter), then everything with gradient, including one
-    batched row sort, only on the selected (object, pixel) pairs: an object's own pixels plus the
-    background pixels where its ``phi >= phi_cutoff``. Selecting them is a ``nonzero`` (one host
-    synchronisation on a GPU, besides reading ``max_label`` when it is not given).
+    pixel), to select the pairs that matter: an object's own pixels and the background pixels
+    with ``phi >= max(1 - max_{M_k} phi, phi_cutoff)`` (below the first bound a background pixel
+    has Lovasz weight exactly 0; see the module docstring). Everything with gradient, including
+    one batched row sort, runs on the selected pairs only; the backward of the hinge is written
+    out and keeps one float per pair. When the bandwidths are small compared with the crop
+    (big objects, early training) nearly every pair is selected and the cost is that of the
+    literal definition, dominated by the sort. Host synchronisations (GPU only): the selection
+    size, the widest row, and the largest id when ``max_label`` is not given.
+    Half-precision ``raw`` is computed in float32.
 
     Examples
     --------
@@ -372,6 +377,8 @@ def spatial_embedding_loss(
     >>> loss, parts = spatial_embedding_loss(raw, instances, centers, (1 / 1023, 1 / 1023), 10.0)
     >>> loss.backward()
     """
+    if raw.dtype in (torch.float16, torch.bfloat16):
+        raw = raw.float()  # exp(10 * sigma) and the Lovasz weights need float32
     objects = _objects(raw, instances, centers, step, max_label)
     ndim = len(step)
     batch = raw.shape[0]
@@ -381,11 +388,11 @@ def spatial_embedding_loss(
 
     with torch.no_grad():
         own_phi = _own_likelihood(objects)  # (B, N), the seed targets
-        pairs = _select_pairs(objects, own_phi, phi_cutoff)
-        image, obj, pixel = pairs.unbind(1)
-        row = image * n_ids + obj
-        flat_pixel = image * n_pixels + pixel
-        fg = labels.reshape(-1).index_select(0, flat_pixel) == obj + 1
+        pair = _select_pairs(objects, own_phi, phi_cutoff)  # flat indices into (B, K, N)
+        row = pair // n_pixels  # image * K + object
+        image = row // n_ids
+        flat_pixel = pair - (row - image) * n_pixels  # image * N + pixel
+        fg = labels.reshape(-1).index_select(0, flat_pixel) == row - image * n_ids + 1
         present_rows = present.reshape(-1).nonzero().squeeze(1)
         compact_row = (torch.cumsum(present.reshape(-1), 0) - 1).index_select(0, row)
 
@@ -419,7 +426,7 @@ def spatial_embedding_loss(
 
 
 def _select_pairs(objects: _Objects, own_phi: torch.Tensor, phi_cutoff: float) -> torch.Tensor:
-    """``(A, 3)`` (image, object row, pixel) pairs that enter the Lovasz hinge, row-major.
+    """Flat indices ``(A,)`` into ``(B, K, N)`` of the (object, pixel) pairs for the Lovasz hinge.
 
     Every foreground pixel of its own object, and the background pixels with
     ``phi >= max(1 - max_{M_k} phi, phi_cutoff)`` (with a small margin for the rounding between
@@ -434,7 +441,7 @@ def _select_pairs(objects: _Objects, own_phi: torch.Tensor, phi_cutoff: float) -
     limit = -torch.log(keep) + 1e-4
     active = (_exponent(objects) < limit.unsqueeze(2)) & objects.present.unsqueeze(2)
     active |= members
-    return active.nonzero()
+    return active.view(-1).nonzero().squeeze(1)
 
 
 @torch.no_grad()

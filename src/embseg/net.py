@@ -38,19 +38,26 @@ def _ops(ndim: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module], 
 
 
 class Downsampler(nn.Module):
-    """Halve the resolution: concat(strided 3-conv (in→out−in), max-pool(input)) → BN → ReLU."""
+    """Halve the resolution: concat(strided 3-conv (in→out−in), max-pool(input)) → BN → ReLU.
+
+    With ``in_channels >= out_channels`` (many-channel inputs) the max-pool branch cannot fit and
+    the block is a strided 3-conv (in→out) → BN → ReLU.
+    """
 
     def __init__(self, ndim: int, in_channels: int, out_channels: int) -> None:
         super().__init__()
         conv, _, norm, pool, _ = _ops(ndim)
-        if out_channels <= in_channels:
-            raise ValueError(f"downsampler needs out_channels > in_channels, got {in_channels}→{out_channels}")
-        self.conv = conv(in_channels, out_channels - in_channels, 3, stride=2, padding=1, bias=True)
-        self.pool = pool(2, stride=2)
+        self.pooled = in_channels < out_channels
+        conv_out = out_channels - in_channels if self.pooled else out_channels
+        self.conv = conv(in_channels, conv_out, 3, stride=2, padding=1, bias=True)
+        self.pool = pool(2, stride=2) if self.pooled else None
         self.bn = norm(out_channels, eps=1e-3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(torch.cat([self.conv(x), self.pool(x)], dim=1)))
+        y = self.conv(x)
+        if self.pool is not None:
+            y = torch.cat([y, self.pool(x)], dim=1)
+        return torch.relu(self.bn(y))
 
 
 class NonBottleneck1d(nn.Module):
