@@ -329,6 +329,8 @@ def train(
         data = load_training_data(config)
     model_config = model_config_for(config, data)
     crop = tuple(config.crop_size) if config.crop_size else tuple(data.properties["crop_size"])
+    if len(crop) == 1:  # one value for every axis (``--crop-size 96``)
+        crop = crop * data.ndim
     if len(crop) != data.ndim:
         raise UserError(f"config: crop_size {list(crop)} must have {data.ndim} values for {data.ndim}D data")
     model_config.crop_size = list(crop)
