@@ -126,7 +126,8 @@ def greedy_labels(
     step: Sequence[float],
     seed_thresh: float = 0.9,
     min_size: int = 10,
-) -> np.ndarray:
+    return_seeds: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Greedy clustering of candidate pixels given their embeddings, bandwidths and seediness.
 
     Parameters
@@ -140,16 +141,22 @@ def greedy_labels(
         same result, this one keeps the tree well balanced).
     seed_thresh, min_size
         See :func:`cluster`.
+    return_seeds
+        Also return the seed of every label.
 
     Returns
     -------
-    numpy.ndarray
+    labels : numpy.ndarray
         ``(N,)`` uint32 labels of the candidates, 0 = unassigned.
+    seeds : numpy.ndarray, optional
+        ``(L,)`` int64 candidate index of the seed that label ``k + 1`` grew from, when
+        ``return_seeds``. The seed pixel itself may carry a later label.
     """
     n = seed.shape[0]
     labels = np.zeros(n, dtype=np.uint32)
+    accepted: list[int] = []
     if n == 0:
-        return labels
+        return (labels, np.zeros(0, dtype=np.int64)) if return_seeds else labels
     scale = 1.0 / np.asarray(step, dtype=np.float64)
     tree = cKDTree(emb * scale)
     order = np.argsort(-seed, kind="stable")
@@ -175,9 +182,12 @@ def greedy_labels(
         if proposal.size >= min_size and 2 * n_free > proposal.size:
             labels[proposal] = next_label
             next_label += 1
+            accepted.append(k)
         clustered[proposal] = True
         # phi(seed) = 1, but a non-finite bandwidth must not let the loop revisit the seed.
         clustered[k] = True
+    if return_seeds:
+        return labels, np.asarray(accepted, dtype=np.int64)
     return labels
 
 
@@ -188,7 +198,8 @@ def cluster(
     fg_thresh: float = 0.5,
     min_size: int = 10,
     origin: Sequence[int] | None = None,
-) -> np.ndarray:
+    return_seeds: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Instance labels from raw outputs by greedy seed clustering (N-D).
 
     Parameters
@@ -207,13 +218,19 @@ def cluster(
     origin
         Global index of the first pixel of ``raw`` (default: zeros). It shifts all
         coordinates together, so it changes nothing but float rounding.
+    return_seeds
+        Also return where each label's seed lies (block-wise prediction assigns an object to
+        the block that holds its seed).
 
     Returns
     -------
-    numpy.ndarray
+    labels : numpy.ndarray
         ``uint32`` labels of shape ``spatial``; 0 = background, objects numbered 1, 2, ... in
         acceptance order. An object whose pixels are all taken by later objects leaves its
         number unused.
+    seeds : numpy.ndarray, optional
+        ``(L,)`` int64 flat (C-order) index into ``spatial`` of the seed pixel of label
+        ``k + 1``, when ``return_seeds``.
 
     Notes
     -----
@@ -231,5 +248,8 @@ def cluster(
     """
     index, emb, s, seed = candidate_geometry(raw, step, fg_thresh, origin)
     labels = np.zeros(int(np.prod(raw.shape[1:])), dtype=np.uint32)
-    labels[index] = greedy_labels(emb, s, seed, step, seed_thresh, min_size)
-    return labels.reshape(tuple(raw.shape[1:]))
+    labels[index], seeds = greedy_labels(emb, s, seed, step, seed_thresh, min_size, return_seeds=True)
+    labels = labels.reshape(tuple(raw.shape[1:]))
+    if return_seeds:
+        return labels, index[seeds]
+    return labels
