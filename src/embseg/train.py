@@ -27,6 +27,8 @@ from embseg.model import Model, build_network, select_device
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "log.csv"
+#: Seed thresholds tried at each validation (the score is the best of them).
+VAL_SEED_THRESHOLDS = (0.6, 0.75, 0.9)
 LOG_FIELDS = ["epoch", "step", "lr", "loss", "instance", "variance", "seed", "val_ap", "val_iou",
               "elapsed_s"]
 
@@ -462,8 +464,10 @@ def train(
                 row["val_iou"] = score
             else:
                 raws = predict_raw_images(model, data.val_images, device)
-                score = mean_ap(raws, data.val_masks, model_config, model_config.seed_thresh,
-                                model_config.fg_thresh)
+                # Seeds calibrate late in training: score the best of a few seed thresholds, so
+                # model selection does not hinge on one threshold (the final tuning picks it).
+                score = max(mean_ap(raws, data.val_masks, model_config, t, model_config.fg_thresh)
+                            for t in VAL_SEED_THRESHOLDS)
                 row["val_ap"] = score
             if score > float(state["best"]):
                 state["best"] = score
