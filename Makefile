@@ -27,7 +27,7 @@ demo: setup
 	OMP_NUM_THREADS=2 $(VENV)/bin/embseg demo --output demo_output
 
 bench: setup
-	OMP_NUM_THREADS=2 $(PY) benchmarks/run.py
+	OMP_NUM_THREADS=2 $(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
