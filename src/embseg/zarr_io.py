@@ -288,7 +288,7 @@ def open_zarr_image(path: str | Path, axes: str | None = None, ndim: int | None 
                 if image.path.resolve() != path.resolve():
                     image = ZarrImage(path, image.axes, None, None, parent)
                     image._array = node
-        if not image.axes:
+        if not image.axes and not axes:
             image.axes = _plain_axes(node, ndim, path)
     if axes:
         letters = axes.upper()
