@@ -335,3 +335,26 @@ def test_cells3d_nuclei_oracle_blockwise_equals_in_memory(client, tmp_path):
                             scheduler=client, progress=False)
     assert report.n_cut == 0 and report.n_objects == masks.max()
     np.testing.assert_array_equal(read_zarr_labels(out), expected)
+
+
+def test_cli_predict_zarr_on_a_scheduler_address(client, tmp_path, capsys):
+    from embseg.cli import main
+    from embseg.model import build_network, load_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(ndim=2, min_size=3, crop_size=[32, 32])
+    Model(config, build_network(config)).save(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    image = write_image_zarr(tmp_path / "img.ome.zarr", rng.random((64, 80)).astype(np.float32), "YX")
+    args = [str(image), "-m", str(tmp_path / "model"), "-o", str(tmp_path / "out"), "--block-shape", "32",
+            "--object-halo", "8", "--context", "16", "--dask-scheduler", client.scheduler.address, "--quiet"]
+    assert main(["predict", *args]) == 0
+    got = read_zarr_labels(tmp_path / "out" / "img.zarr")
+    api = predict_blocks(load_model(tmp_path / "model"), image, tmp_path / "api.zarr", block_shape=32,
+                         object_halo=8, context=16, scheduler=client, progress=False)
+    np.testing.assert_array_equal(got, read_zarr_labels(api.output))
+    assert main(["predict", *args]) == 2 and "already exists" in capsys.readouterr().err
+    assert main(["predict", *args, "--resume"]) == 0
+    assert main(["predict", *args, "--into-image", "embseg"]) == 0
+    np.testing.assert_array_equal(read_zarr_labels(image / "labels" / "embseg"), got)
+    assert main(["predict", *args[:-1], "--block-shape", "0"]) == 2

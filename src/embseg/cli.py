@@ -81,16 +81,62 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+def _parse_shape(text: str | None, flag: str = "--tile-shape") -> tuple[int, ...] | int | None:
     if text is None:
         return None
     try:
         values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
     except ValueError:
-        raise UserError(f"--tile-shape {text!r}: expected integers like 512 or 64,256,256") from None
-    if not values or any(v <= 0 for v in values):
-        raise UserError(f"--tile-shape {text!r}: values must be positive")
+        raise UserError(f"{flag} {text!r}: expected integers like 512 or 64,256,256") from None
+    minimum = 1 if flag.endswith("shape") else 0  # halos may be 0
+    if not values or any(v < minimum for v in values):
+        raise UserError(f"{flag} {text!r}: values must be {'positive' if minimum else 'non-negative'}")
     return values[0] if len(values) == 1 else values
+
+
+def _predict_zarr(model, paths: list, out_dir, args: argparse.Namespace) -> None:
+    """Block-wise prediction of zarr / OME-Zarr inputs on dask (``OUT_DIR/<name>.zarr``)."""
+    from embseg.distributed import predict_blocks
+    from embseg.zarr_io import is_zarr, label_group_in_image, open_zarr_image
+
+    for path in paths:
+        image = open_zarr_image(path, axes=args.axes, ndim=model.ndim)
+        source_image = None
+        if args.into_image:
+            if image.group is None:
+                raise UserError(f"{path}: --into-image needs an OME-Zarr image group as input")
+            target = label_group_in_image(image.group, args.into_image)
+            source_image = "../../"
+        else:
+            target = out_dir / (path.name.split(".")[0] + ".zarr")
+        if is_zarr(target) and args.resume and not args.overwrite and _zarr_complete(target):
+            if not args.quiet:
+                print(f"{path.name}: finished output {target} kept (--resume)")
+            continue
+        report = predict_blocks(
+            model, image, target, block_shape=_parse_shape(args.block_shape, "--block-shape"),
+            object_halo=_parse_shape(args.object_halo, "--object-halo"),
+            context=_parse_shape(args.context, "--context"), scheduler=args.dask_scheduler,
+            n_workers=args.workers, tta=args.tta, seed_thresh=args.seed_thresh, fg_thresh=args.fg_thresh,
+            min_size=args.min_size, device=args.device, tile_shape=_parse_shape(args.tile_shape),
+            resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, source_image=source_image,
+        )
+        if not args.quiet:
+            rss = max(report.peak_rss_mb.values(), default=float("nan"))
+            resumed = f", {report.n_resumed} resumed" if report.n_resumed else ""
+            print(f"{path.name}: {report.n_objects} objects -> {target} ({report.n_blocks} blocks{resumed}, "
+                  f"{report.seconds:.1f} s, {report.voxels_per_second / 1e6:.2f} Mvoxel/s, "
+                  f"peak worker RSS {rss:.0f} MB)")
+
+
+def _zarr_complete(path) -> bool:
+    import json
+
+    attrs = path / ".zattrs"
+    try:
+        return bool(json.loads(attrs.read_text()).get("embseg", {}).get("complete"))
+    except (OSError, ValueError):
+        return False
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -100,14 +146,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from embseg.io import list_inputs, read_image, write_image, write_labels
     from embseg.model import load_model
+    from embseg.zarr_io import is_zarr
 
     model = load_model(args.model)
-    inputs = list_inputs(args.inputs)
+    zarr_inputs = [Path(p) for p in args.inputs if is_zarr(p)]
+    other = [p for p in args.inputs if not is_zarr(p)]
+    inputs = list_inputs(other) if other or not zarr_inputs else []
     out_dir = Path(args.output)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"{out_dir}: cannot create output folder ({err.strerror})") from None
+    if zarr_inputs:
+        _predict_zarr(model, zarr_inputs, out_dir, args)
     targets = [(p, out_dir / (p.name.split(".")[0] + ".tif")) for p in inputs]
     existing = [t for _, t in targets if t.exists()]
     if existing and not (args.overwrite or args.resume):
@@ -236,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("predict", help="segment images with a model")
-    p.add_argument("inputs", nargs="+", help="image files, folders or globs")
+    p.add_argument("inputs", nargs="+", help="image files, folders or globs; zarr / OME-Zarr inputs are "
+                   "predicted block-wise on dask into OUT_DIR/<name>.zarr")
     p.add_argument("-m", "--model", required=True, help="model folder or shipped model name")
     p.add_argument("-o", "--output", required=True, help="output folder for label TIFFs")
     p.add_argument("--axes", help="axes of the input arrays, e.g. YX, CYX, ZYX, YXC")
@@ -250,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="skip inputs whose output already exists")
     p.add_argument("--save-seeds", action="store_true", help="also write the seed map (<name>_seeds.tif)")
     p.add_argument("--quiet", action="store_true")
+    z = p.add_argument_group("zarr inputs (block-wise on dask)")
+    z.add_argument("--block-shape", help="block (core) shape, e.g. 128,256,256 (default 2048 in 2D, 128,256,256 in 3D)")
+    z.add_argument("--object-halo", help="largest distance from an object's centre to its edge, pixels "
+                   "(default: half the model's training crop)")
+    z.add_argument("--context", help="network context around a block, pixels (default: the model's halo)")
+    z.add_argument("--dask-scheduler", metavar="ADDRESS",
+                   help="dask scheduler, e.g. tcp://10.0.0.1:8786 (default: a local cluster sized to the machine)")
+    z.add_argument("--workers", type=int, help="workers of the local cluster (default: one per GPU, else per 4 cores)")
+    z.add_argument("--into-image", metavar="NAME",
+                   help="write labels into the input OME-Zarr image as labels/NAME instead of OUT_DIR/<name>.zarr")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("tune", help="choose clustering thresholds on a validation set")

@@ -599,6 +599,7 @@ def predict_blocks(
     overwrite: bool = False,
     keep_blocks: bool = False,
     progress: bool = True,
+    source_image: str | None = None,
     _stop_after: int | None = None,
 ) -> BlockRunReport:
     """Segment a large image block by block on a dask cluster; write an OME-Zarr label image.
@@ -638,6 +639,9 @@ def predict_blocks(
         Keep the block result files after the merge.
     progress
         Progress bars on stderr.
+    source_image
+        ``image-label.source.image`` of the output (``"../../"`` when writing ``labels/<name>``
+        inside the input image, see :func:`embseg.zarr_io.label_group_in_image`).
 
     Returns
     -------
@@ -733,7 +737,7 @@ def predict_blocks(
                                       "source": plan["source"]})}
         voxel_size = getattr(source, "voxel_size", None)
         create_label_image(output, shape, chunks, voxel_size=voxel_size, unit=getattr(source, "unit", None),
-                           dtype=dtype, attributes=attrs, overwrite=True)
+                           dtype=dtype, attributes=attrs, source_image=source_image, overwrite=True)
         array_path = str(output / "0")
         merges = []
         for b in blocks:
