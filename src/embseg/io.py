@@ -193,6 +193,8 @@ def _read_tiff(path: PathLike) -> tuple[np.ndarray, str | None]:
             meta = series.axes
     except UserError:
         raise
+    except PermissionError as err:
+        raise UserError(f"{path}: cannot read the file ({err.strerror or 'permission denied'})") from err
     except tifffile.TiffFileError as err:
         raise UserError(f"{path}: not a readable TIFF ({err})") from err
     except Exception as err:  # truncated or corrupt data surfaces as many exception types
@@ -385,6 +387,9 @@ def atomic_write(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     ------
     UserError
         If ``path`` exists and ``overwrite`` is False, or is a folder.
+    OSError
+        A failed write (disk full, permission denied), re-raised with ``path`` as its file name
+        and the same errno; the temporary file is gone and an old ``path`` is untouched.
 
     Examples
     --------
@@ -396,16 +401,31 @@ def atomic_write(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         raise UserError(f"{path}: is a folder, cannot write a file there")
     if path.exists() and not overwrite:
         raise UserError(f"{path}: already exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"{path}: nothing was written to the temporary file {tmp}")
         _commit(tmp, path, overwrite)
+    except OSError as err:
+        raise _naming_target(err, path, tmp) from err
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _naming_target(err: OSError, path: Path, tmp: Path) -> OSError:
+    """``err`` as an error about ``path`` (not its temporary file), for a one-line message.
+
+    Errors about other files (the writer may read some) pass unchanged. The errno, and with it
+    the subclass (``PermissionError``, ...), is kept.
+    """
+    if err.filename not in (None, str(tmp), tmp):
+        return err
+    if err.errno is None:
+        return OSError(f"{path}: {err}")
+    return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
 
 
 def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
