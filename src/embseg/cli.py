@@ -73,9 +73,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
+    from embseg import ddp
     from embseg.train import train
 
-    model = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1:  # one process per GPU (or share of the CPU cores), DistributedDataParallel
+        from embseg.model import load_model
+
+        ddp.launch(ddp.train_worker, args.nproc, args=(config, args.resume, args.overwrite, not args.quiet),
+                   threads=config.threads)
+        model = load_model(config.output)
+    else:
+        joined = ddp.init_from_env()  # under torchrun: join its process group
+        try:
+            model = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+            context = ddp.context(config.device)
+        finally:
+            if joined:
+                ddp.leave()
+        if context is not None and not context.is_main:
+            return 0
     print(f"model saved to {config.output} (seed_thresh {model.config.seed_thresh:.2f}, "
           f"fg_thresh {model.config.fg_thresh:.2f}, min_size {model.config.min_size})")
     return 0
@@ -283,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="training processes (DistributedDataParallel: one per GPU, or CPU processes on gloo); "
+                        "batch-size is per process")
     _train_flags(p)
     p.set_defaults(func=_cmd_train)
 

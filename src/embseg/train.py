@@ -345,15 +345,20 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    from embseg import ddp
     from embseg.data import TrainingCrops
     from embseg.loss import spatial_embedding_loss
 
     config.validate()
-    out = _prepare_output(config, resume, overwrite)
+    dist = ddp.context(config.device)  # None unless in a process group (see embseg.ddp)
+    main = dist is None or dist.is_main
+    progress = progress and main
+    out = _prepare_output(config, resume, overwrite) if main else Path(config.output).expanduser()
+    ddp.barrier(dist)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    device = select_device(config.device)
+    device = dist.device if dist is not None else select_device(config.device)
     use_amp = bool(config.amp and device.type == "cuda")
 
     if data is None:
@@ -390,8 +395,12 @@ def train(
         elif not overwrite and any(p.name != LOG_FILE for p in out.iterdir()):
             raise UserError(f"{out}: --resume given but there is no checkpoint in {ckpt_dir}")
     model = Model(model_config, net)
+    train_net = ddp.wrap(net, dist)  # DDP broadcasts rank 0's weights here
+    if dist is not None and dist.rank:
+        torch.manual_seed(config.seed + 7919 * dist.rank)  # own dropout masks per rank
+    shard = ddp.rank_share(crops, dist)
 
-    steps_per_epoch = max(1, config.samples_per_epoch // config.batch_size)
+    steps_per_epoch = max(1, len(shard) // config.batch_size)
     generator = torch.Generator()
     start = time.monotonic() - float(state["elapsed_s"])
     epoch = int(state["epoch"])
@@ -403,12 +412,16 @@ def train(
             frac = max(frac, (time.monotonic() - start) / (60.0 * config.time_limit_minutes))
         return frac
 
+    def out_of_time() -> bool:  # rank 0's clock decides for all ranks
+        over = bool(config.time_limit_minutes) and time.monotonic() - start >= 60.0 * config.time_limit_minutes
+        return ddp.rank0_decides(over, dist) if config.time_limit_minutes else False
+
     while epoch < config.epochs and not stop_requested:
-        if config.time_limit_minutes and time.monotonic() - start >= 60.0 * config.time_limit_minutes:
+        if out_of_time():
             break
-        crops.set_epoch(epoch)
+        shard.set_epoch(epoch)
         generator.manual_seed(config.seed * 100_003 + epoch)
-        loader = torch.utils.data.DataLoader(crops, batch_size=config.batch_size, shuffle=False,
+        loader = torch.utils.data.DataLoader(shard, batch_size=config.batch_size, shuffle=False,
                                              drop_last=True, num_workers=config.num_workers,
                                              pin_memory=device.type == "cuda", generator=generator,
                                              persistent_workers=False)
@@ -425,16 +438,18 @@ def train(
             image = batch["image"].to(device, non_blocking=True)
             instances = batch["instances"].to(device, non_blocking=True)
             centers = batch["centers"].to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                raw = net(image)
-            loss, parts = spatial_embedding_loss(raw.float(), instances, centers, step_t.to(device),
-                                                 fg_weight=fg_weight, w_inst=config.w_inst,
-                                                 w_var=config.w_var, w_seed=config.w_seed)
-            scaled = loss / config.virtual_batch
-            if scaler is not None:
-                scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+            accumulating = (i + 1) % config.virtual_batch != 0
+            with ddp.no_sync(train_net, accumulating):
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    raw = train_net(image)
+                loss, parts = spatial_embedding_loss(raw.float(), instances, centers, step_t.to(device),
+                                                     fg_weight=fg_weight, w_inst=config.w_inst,
+                                                     w_var=config.w_var, w_seed=config.w_seed)
+                scaled = loss / config.virtual_batch
+                if scaler is not None:
+                    scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
             if (i + 1) % config.virtual_batch == 0:
                 if scaler is not None:
                     scaler.step(optimizer)
@@ -449,15 +464,18 @@ def train(
             if progress and (i % 5 == 0 or i + 1 == steps_per_epoch):
                 bar.set_postfix(loss=f"{sums[0].item() / n_batches:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
-            if config.time_limit_minutes and time.monotonic() - start >= 60.0 * config.time_limit_minutes:
+            if out_of_time():
                 break
         bar.close()
         epoch += 1
-        means = (sums / max(n_batches, 1)).tolist()
+        means = (ddp.mean_over_ranks(sums, dist) / max(n_batches, 1)).tolist()
         row: dict[str, Any] = {"epoch": epoch, "step": state["step"], "lr": lr, "loss": means[0],
                                "instance": means[1], "variance": means[2], "seed": means[3]}
-        timed_out = bool(config.time_limit_minutes) and time.monotonic() - start >= 60.0 * config.time_limit_minutes
+        timed_out = out_of_time()
         last = epoch >= config.epochs or timed_out
+        if not main:  # rank 0 validates and writes; the others go on when it is done
+            stop_requested = ddp.rank0_decides(False, dist)
+            continue
         if epoch % config.val_every == 0 or last:
             if config.val_metric == "iou":
                 score = validation_iou(net, val_crops, step_t.to(device), device)
@@ -486,6 +504,9 @@ def train(
             print(f"epoch {epoch}: loss {means[0]:.4f}{val} ({row['elapsed_s']:.0f} s)", file=sys.stderr)
         if callback is not None and callback(row):
             stop_requested = True
+        stop_requested = ddp.rank0_decides(stop_requested, dist)
+    if not main:
+        return model
     _plot_curves(out)
     return finish_training(out, data, config, progress=progress)
 
@@ -527,3 +548,8 @@ def _plot_curves(out: Path) -> None:
     if rows:
         plot_curves(rows, out / "curves.png")
 
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m embseg.train <embseg train flags>
+    from embseg.cli import main as _cli_main
+
+    sys.exit(_cli_main(["train", *sys.argv[1:]]))
