@@ -9,8 +9,40 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from embseg.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument parser with one-line errors (exit code 2) and no abbreviated flags.
+
+    Abbreviations are off so that a mistyped flag is an error with a suggestion rather than a
+    silent match of another flag (and scripts keep their meaning when flags are added).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _flag_suggestion(extra: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """``" (did you mean '--x'?)"`` for the first unknown flag in ``extra``, or ``""``."""
+    from embseg.config import suggest
+
+    flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    unknown = [e.split("=")[0] for e in extra if e.startswith("--")]
+    return suggest(unknown[0], flags) if unknown else ""
+
+
+def _describe_os_error(err: OSError) -> str:
+    """One line for an operating-system error: the file, then what went wrong."""
+    what = err.strerror or str(err)
+    return f"{err.filename}: {what}" if err.filename else what
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -171,6 +203,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     other = [p for p in args.inputs if not is_zarr(p)]
     inputs = list_inputs(other) if other or not zarr_inputs else []
     out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder (-o names the output folder)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -192,7 +226,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         image, axes = read_image(path, axes=args.axes, ndim=model.ndim)
         result = model.predict(image, axes=axes, tta=args.tta, tile_shape=tile, seed_thresh=args.seed_thresh,
                                fg_thresh=args.fg_thresh, min_size=args.min_size, device=args.device,
-                               return_seeds=args.save_seeds)
+                               return_seeds=args.save_seeds, source=str(path))
         labels, seeds = result if args.save_seeds else (result, None)
         write_labels(target, labels, overwrite=True)
         if seeds is not None:
@@ -216,7 +250,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     raws, masks = [], []
     for image_path, mask_path in pair_folders(args.images, args.masks):
         image, axes = read_image(image_path, axes=args.axes, ndim=model.ndim)
-        raws.append(model.predict_raw(image, axes=axes, device=args.device))
+        raws.append(model.predict_raw(image, axes=axes, device=args.device, source=str(image_path)))
         masks.append(read_labels(mask_path, ndim=model.ndim))
     best = tune_thresholds(raws, masks, model.config)
     print(f"best: seed_thresh {best['seed_thresh']:.2f}, fg_thresh {best['fg_thresh']:.2f}, "
@@ -271,7 +305,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     image, axes = read_image(args.image, axes=args.axes, ndim=model.ndim)
     mask = read_labels(args.mask, ndim=model.ndim) if args.mask else None
-    raw = model.predict_raw(image, axes=axes, device=args.device)
+    raw = model.predict_raw(image, axes=axes, device=args.device, source=str(args.image))
     labels = model.cluster(raw)
     out = Path(args.output or Path(args.image).name.split(".")[0] + "_explain.png")
     if out.exists() and not args.overwrite:
@@ -284,7 +318,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``embseg`` with all subcommands."""
-    parser = argparse.ArgumentParser(prog="embseg", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="embseg", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -365,19 +399,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions and the device that would be used")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_info)
+
+    for command in sub.choices.values():  # --debug also after the subcommand
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks on errors")
+    parser.commands = dict(sub.choices)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``embseg`` command line; returns the exit code."""
+    from embseg.config import suggest
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in parser.commands:
+        names = list(parser.commands)
+        parser.error(f"unknown command {command!r}{suggest(command, names)}; commands: {', '.join(names)}")
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = parser.commands[args.command]
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{_flag_suggestion(extra, sub)}")
     try:
         return int(args.func(args) or 0)
     except UserError as err:
         if args.debug:
             raise
         print(f"embseg: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, permission denied, ...: the file and the reason
+        if args.debug:
+            raise
+        print(f"embseg: error: {_describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("embseg: interrupted", file=sys.stderr)
