@@ -24,6 +24,8 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_HALO = {2: 96, 3: 48}
 #: Images with more pixels than this are tiled automatically (bounded memory).
 MAX_UNTILED_PIXELS = {2: 2048 * 2048, 3: 96 * 256 * 256}
+#: First bytes of a ``torch.save`` file: a zip archive (PyTorch >= 1.6) or a bare pickle.
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
 #: Default tile (core) shape by ndim when tiling automatically.
 DEFAULT_TILE = {2: (1024, 1024), 3: (64, 256, 256)}
 
@@ -136,8 +138,10 @@ class Model:
         if len(spatial) != self.ndim:
             raise UserError(f"{source}: image has {len(spatial)} spatial axes ({axes}) but the model is {self.ndim}D")
         if array.shape[0] != self.config.in_channels:
+            hint = "; convert it to one channel" if self.config.in_channels == 1 else ""
             raise UserError(
-                f"{source}: image has {array.shape[0]} channel(s) but the model expects {self.config.in_channels}"
+                f"{source}: image has {array.shape[0]} channel(s) (read as {axes}) but the model "
+                f"expects {self.config.in_channels}{hint}, or pass axes (--axes) if it is read wrongly"
             )
         if np.iscomplexobj(array) or array.dtype.kind not in "biuf":
             raise UserError(f"{source}: unsupported pixel type {array.dtype}")
@@ -154,11 +158,15 @@ class Model:
         tile_shape: tuple[int, ...] | int | None = None,
         device: str | None = "auto",
         normalized: bool = False,
+        source: str = "image",
     ) -> torch.Tensor:
-        """Raw network outputs ``(2*ndim + 1, *spatial)`` for one image (tiled, optional TTA)."""
+        """Raw network outputs ``(2*ndim + 1, *spatial)`` for one image (tiled, optional TTA).
+
+        ``source`` names the image in error messages (e.g. its file).
+        """
         from embseg.predict import predict_raw
 
-        data = image if normalized else self.prepare(image, axes)
+        data = image if normalized else self.prepare(image, axes, source=source)
         dev = select_device(device)
         self.net.to(dev)
         tiles = _tile(tile_shape, self.ndim)
@@ -180,6 +188,7 @@ class Model:
         min_size: int | None = None,
         device: str | None = "auto",
         return_seeds: bool = False,
+        source: str = "image",
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Segment one image.
 
@@ -200,6 +209,8 @@ class Model:
             ``"auto"``, ``"cpu"``, ``"cuda"``, ...
         return_seeds
             Also return the seed map.
+        source
+            What to call the image in error messages (e.g. its file name).
 
         Returns
         -------
@@ -210,7 +221,8 @@ class Model:
         """
         from embseg.cluster import seed_map
 
-        raw = self.predict_raw(image, axes=axes, tta=tta, tile_shape=tile_shape, device=device)
+        raw = self.predict_raw(image, axes=axes, tta=tta, tile_shape=tile_shape, device=device,
+                               source=source)
         labels = self.cluster(raw, seed_thresh=seed_thresh, fg_thresh=fg_thresh, min_size=min_size)
         if return_seeds:
             return labels, seed_map(raw)
@@ -297,6 +309,19 @@ def read_config(folder: Path) -> ModelConfig:
     return ModelConfig.from_dict(values, source=str(path))
 
 
+def _is_pickle(path: Path) -> bool:
+    """Whether ``path`` looks like a ``torch.save`` file rather than safetensors.
+
+    A safetensors file starts with the 8-byte length of its JSON header, then ``{``; a file that
+    does not, and starts like a zip archive or a pickle, is a PyTorch pickle. Only bytes are read.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return False
+    return head.startswith(PICKLE_MAGIC)
+
+
 def read_weights(path: Path, net: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Read safetensors weights and check names, shapes and dtypes against ``net``."""
     from safetensors import SafetensorError
@@ -304,6 +329,11 @@ def read_weights(path: Path, net: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise UserError(f"{path.parent}: no weights file {WEIGHTS_FILE}")
+    if _is_pickle(path):
+        raise UserError(
+            f"{path}: is a pickled PyTorch file (torch.save), not safetensors; embseg never unpickles "
+            "model files (pickles can run code): re-save the weights with safetensors"
+        )
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
@@ -338,7 +368,7 @@ def load_model(name_or_path: str | Path, device: str | None = None) -> Model:
             names = available_models()
             from embseg.config import suggest
 
-            known = f"; shipped models: {', '.join(names)}" if names else ""
+            known = f"; shipped models: {', '.join(names)}" if names else " (no models are shipped with this installation)"
             raise UserError(f"{text}: no such model folder or shipped model name{suggest(text, names)}{known}")
     if folder.is_file():
         folder = folder.parent
