@@ -424,8 +424,9 @@ def _naming_target(err: OSError, path: Path, tmp: Path) -> OSError:
     if err.filename not in (None, str(tmp), tmp):
         return err
     if err.errno is None:
-        return OSError(f"{path}: {err}")
-    return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
+        return OSError(f"{path}: cannot write ({err})")
+    reason = err.strerror or os.strerror(err.errno)
+    return OSError(err.errno, f"cannot write ({reason})", str(path))
 
 
 def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
