@@ -55,7 +55,8 @@ def _read_pairs(images_dir: str, masks_dir: str, config: TrainConfig) -> tuple[l
     images, masks, names = [], [], []
     ndim = config.ndim
     channels = None
-    for image_path, mask_path in pair_folders(images_dir, masks_dir):
+    pairs = pair_folders(Path(images_dir).expanduser(), Path(masks_dir).expanduser())
+    for image_path, mask_path in pairs:
         mask = read_labels(mask_path, ndim=ndim)
         ndim = ndim or mask.ndim
         image, axes = read_image(image_path, axes=config.axes, ndim=ndim)
@@ -74,7 +75,8 @@ def _read_pairs(images_dir: str, masks_dir: str, config: TrainConfig) -> tuple[l
         masks.append(mask)
         names.append(image_path.name)
     if not images:
-        raise UserError(f"{masks_dir}: no mask with any object")
+        raise UserError(f"{masks_dir}: none of the {len(pairs)} masks has any object (all pixels are 0); "
+                        "nothing to train on")
     assert ndim is not None and channels is not None
     return images, masks, names, ndim, channels
 
@@ -304,6 +306,20 @@ def _prepare_output(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
     return out
 
 
+def _truncate_log(path: Path, epoch: int) -> None:
+    """Drop the rows of ``log.csv`` after ``epoch`` (written after the checkpoint a run resumes)."""
+    from embseg.io import atomic_write
+
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [line for line in lines[1:] if line.split(",", 1)[0].isdigit()
+                        and int(line.split(",", 1)[0]) <= epoch]
+    if len(keep) < len(lines):
+        with atomic_write(path, overwrite=True) as tmp:
+            Path(tmp).write_text("".join(keep))
+
+
 def _append_log(path: Path, row: dict[str, Any]) -> None:
     from embseg.io import atomic_write
 
@@ -392,6 +408,8 @@ def train(
         ckpt_dir = out / CHECKPOINT_DIR
         if (ckpt_dir / "last.json").is_file():
             state = load_checkpoint(ckpt_dir, net, optimizer, scaler)
+            if main:  # a kill between the log and the checkpoint leaves rows to be redone
+                _truncate_log(out / LOG_FILE, int(state["epoch"]))
         elif not overwrite and any(p.name != LOG_FILE for p in out.iterdir()):
             raise UserError(f"{out}: --resume given but there is no checkpoint in {ckpt_dir}")
     model = Model(model_config, net)
