@@ -1,0 +1,450 @@
+"""napari plugin: manifest, sample data, Predict and Train widgets (headless, pytest-qt).
+
+Qt runs on the ``offscreen`` platform; napari's OpenGL canvas still needs an X display, so an
+``Xvfb`` server is started for this module when no ``DISPLAY`` is set (``.ci/run`` installs the
+``xvfb`` Debian package). Without napari, pytest-qt or Xvfb the module skips and says why.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+napari = pytest.importorskip("napari", reason="napari is not installed (pip install 'embseg[napari]')")
+pytest.importorskip("pytestqt", reason="pytest-qt is not installed (pip install 'embseg[napari]')")
+pytest.importorskip("npe2", reason="npe2 is not installed (pip install 'embseg[napari]')")
+
+from embseg.config import ModelConfig  # noqa: E402
+from embseg.model import Model  # noqa: E402
+from embseg.samples import list_samples, sample  # noqa: E402
+
+MANIFEST = Path(__file__).resolve().parents[1] / "src" / "embseg" / "napari" / "napari.yaml"
+WAIT_MS = 60_000
+
+
+def _start_xvfb() -> subprocess.Popen | None:
+    """Start Xvfb on a free display and point ``DISPLAY`` at it (None when one is set)."""
+    if os.environ.get("DISPLAY"):
+        return None
+    binary = shutil.which("Xvfb")
+    if binary is None:
+        pytest.skip("napari needs an X display for OpenGL: no DISPLAY and no Xvfb "
+                    "(apt-get install xvfb; .ci/run does)")
+    read_fd, write_fd = os.pipe()
+    # a watcher shell stops Xvfb once this process has exited (after Qt's last X request)
+    watcher = f'"$0" "$@" & x=$!; while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; kill $x'
+    proc = subprocess.Popen(["sh", "-c", watcher, binary, "-displayfd", str(write_fd), "-screen", "0",
+                             "1280x1024x24", "-nolisten", "tcp"], pass_fds=(write_fd,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_fd)
+    ready, _, _ = select.select([read_fd], [], [], 20)
+    number = os.read(read_fd, 64).decode().strip() if ready else ""
+    os.close(read_fd)
+    if not number:
+        proc.kill()
+        pytest.skip("Xvfb did not start within 20 s")
+    os.environ["DISPLAY"] = f":{number}"
+    return proc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _display() -> Iterator[None]:
+    """An X display for the whole session, started before the QApplication.
+
+    It is not stopped at teardown: Qt still holds its X connection until the interpreter exits,
+    and Xlib ends the process with an error if the server goes first. Xvfb gets SIGTERM when
+    the watcher once pytest has exited.
+    """
+    _start_xvfb()
+    yield
+
+
+@pytest.fixture(scope="session")
+def model_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly initialised (untrained) 2D model folder: outputs are arbitrary but fixed."""
+    import torch
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model2d")
+    Model(ModelConfig(ndim=2, name="tiny-2d")).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly initialised 3D model folder."""
+    import torch
+
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("model3d")
+    Model(ModelConfig(ndim=3, grid_step=[2 / 1023, 1 / 1023, 1 / 1023], anisotropy=2.0, name="tiny-3d")).save(folder)
+    return folder
+
+
+def _predict_widget(viewer, folder: Path):
+    from embseg.napari._common import FOLDER_CHOICE
+    from embseg.napari._predict import PredictWidget
+
+    widget = PredictWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.reset_choices()
+    widget.model_choice.value = FOLDER_CHOICE
+    widget.model_folder.value = folder
+    widget.device.value = "cpu"
+    return widget
+
+
+def _wait_done(qtbot, widget) -> None:
+    qtbot.waitUntil(lambda: widget.worker is not None and not widget.worker.is_running, timeout=WAIT_MS)
+    qtbot.wait(50)  # let the queued returned/finished signals run
+
+
+# ---------------------------------------------------------------------------------- manifest
+
+
+def test_manifest_validates() -> None:
+    result = subprocess.run([sys.executable, "-m", "npe2", "validate", str(MANIFEST)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "valid" in result.stdout
+
+
+def test_manifest_is_registered_and_lists_every_sample() -> None:
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution("embseg")
+    assert manifest.name == "embseg"
+    keys = {s.key for s in manifest.contributions.sample_data}
+    assert keys == set(list_samples())
+    widgets = {w.display_name for w in manifest.contributions.widgets}
+    assert widgets == {"Predict", "Train"}
+
+
+def test_commands_resolve() -> None:
+    import importlib
+
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_file(MANIFEST)
+    for command in manifest.contributions.commands:
+        module, name = command.python_name.split(":")
+        assert callable(getattr(importlib.import_module(module), name)), command.id
+
+
+# ---------------------------------------------------------------------------------- sample data
+
+
+def test_sample_data_loads(make_napari_viewer) -> None:
+    viewer = make_napari_viewer()
+    viewer.open_sample("embseg", "dsb-dense")
+    reference = sample("dsb-dense")
+    assert [layer.name for layer in viewer.layers] == ["dsb-dense", "dsb-dense mask"]
+    image, mask = viewer.layers
+    assert isinstance(image, napari.layers.Image)
+    assert isinstance(mask, napari.layers.Labels)
+    np.testing.assert_array_equal(image.data, reference.image)
+    np.testing.assert_array_equal(mask.data, reference.mask)
+    assert len(np.unique(mask.data)) - 1 == 53
+
+
+def test_sample_data_3d_keeps_anisotropy() -> None:
+    from embseg.napari._sample_data import qcanet_3d
+
+    (image, image_meta, image_type), (mask, mask_meta, mask_type) = qcanet_3d()
+    assert (image_type, mask_type) == ("image", "labels")
+    assert image.ndim == 3 and image.shape == mask.shape
+    assert image_meta["scale"] == mask_meta["scale"] == (sample("qcanet-3d").anisotropy, 1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------- predict
+
+
+def test_predict_widget_matches_model_predict(make_napari_viewer, qtbot, model_2d: Path) -> None:
+    from embseg import load_model
+
+    viewer = make_napari_viewer()
+    image = sample("dsb-dense").image
+    viewer.add_image(image, name="nuclei")
+    widget = _predict_widget(viewer, model_2d)
+    widget.model_thresholds.value = False  # an untrained model: low thresholds give objects
+    widget.seed_thresh.value, widget.fg_thresh.value, widget.min_size.value = 0.5, 0.3, 5
+    widget.add_seeds.value = True
+    widget.run()
+    _wait_done(qtbot, widget)
+    assert "nuclei labels" in viewer.layers, widget.status.value
+    labels = viewer.layers["nuclei labels"]
+    assert isinstance(labels, napari.layers.Labels)
+    expected, seeds = load_model(model_2d).predict(image, axes="YX", seed_thresh=0.5, fg_thresh=0.3,
+                                                   min_size=5, device="cpu", return_seeds=True)
+    assert expected.max() > 0, "the oracle found no object: the comparison would be empty"
+    np.testing.assert_array_equal(labels.data, expected)
+    np.testing.assert_allclose(viewer.layers["nuclei seeds"].data, seeds, atol=1e-6)
+    assert widget.status.value == f"{expected.max()} objects"
+    assert viewer.dims.ndisplay == 2
+
+
+def test_predict_widget_object_count_and_thresholds(make_napari_viewer, qtbot, model_2d: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the model's predict replaced by the ground truth, the layer holds the 53 nuclei."""
+    reference = sample("dsb-dense")
+    calls: list[dict] = []
+
+    def fake_predict(self, image, **kwargs):
+        calls.append(kwargs)
+        return reference.mask.astype(np.uint32), np.zeros(image.shape, np.float32)
+
+    monkeypatch.setattr(Model, "predict", fake_predict)
+    viewer = make_napari_viewer()
+    viewer.add_image(reference.image, name="nuclei", scale=(0.5, 0.5))
+    widget = _predict_widget(viewer, model_2d)
+    widget.tta.value = True
+    widget.tile_shape.value = "128"
+    widget.run()
+    _wait_done(qtbot, widget)
+    labels = viewer.layers["nuclei labels"]
+    assert len(np.unique(labels.data)) - 1 == 53
+    assert tuple(labels.scale) == (0.5, 0.5)
+    assert "nuclei seeds" not in viewer.layers
+    assert calls == [{"axes": "YX", "tile_shape": 128, "tta": True, "device": "cpu", "return_seeds": True}]
+    # the model's own thresholds are shown once it is loaded
+    assert widget.seed_thresh.value == pytest.approx(0.9)
+    # a second run updates the same layer instead of adding another
+    widget.run()
+    _wait_done(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == ["nuclei", "nuclei labels"]
+
+
+def test_predict_widget_stack_and_cancel(make_napari_viewer, qtbot, model_2d: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stack is segmented plane by plane; Cancel stops at the next plane and adds nothing."""
+    import threading
+
+    release = threading.Event()
+    seen: list[int] = []
+
+    def slow_predict(self, image, **kwargs):
+        seen.append(image.shape[0])
+        release.wait(10)
+        return np.ones(image.shape, np.uint32), np.zeros(image.shape, np.float32)
+
+    monkeypatch.setattr(Model, "predict", slow_predict)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 32, 40), np.float32), name="movie")
+    widget = _predict_widget(viewer, model_2d)
+    widget.run()
+    qtbot.waitUntil(lambda: len(seen) == 1, timeout=WAIT_MS)
+    assert widget.cancel_button.enabled and not widget.run_button.enabled
+    widget.cancel()
+    release.set()
+    _wait_done(qtbot, widget)
+    assert len(seen) == 1
+    assert "movie labels" not in viewer.layers
+    assert widget.status.value == "cancelled"
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+
+    widget.run()  # without cancelling: every plane, ids unique over the stack
+    _wait_done(qtbot, widget)
+    labels = viewer.layers["movie labels"].data
+    assert labels.shape == (4, 32, 40)
+    assert [int(np.unique(plane)[0]) for plane in labels] == [1, 2, 3, 4]
+    assert widget.progress.value == widget.progress.max
+
+
+def test_predict_widget_3d_volume(make_napari_viewer, qtbot, model_3d: Path) -> None:
+    from embseg import load_model
+
+    volume = sample("qcanet-3d").image[8:24, 20:84, 20:84]
+    viewer = make_napari_viewer()
+    viewer.add_image(volume, name="embryo", scale=(2.0, 1.0, 1.0))
+    widget = _predict_widget(viewer, model_3d)
+    widget.model_thresholds.value = False
+    widget.seed_thresh.value, widget.fg_thresh.value, widget.min_size.value = 0.5, 0.3, 5
+    widget.run()
+    _wait_done(qtbot, widget)
+    assert "embryo labels" in viewer.layers, widget.status.value
+    expected = load_model(model_3d).predict(volume, axes="ZYX", seed_thresh=0.5, fg_thresh=0.3,
+                                            min_size=5, device="cpu")
+    np.testing.assert_array_equal(viewer.layers["embryo labels"].data, expected)
+    assert tuple(viewer.layers["embryo labels"].scale) == (2.0, 1.0, 1.0)
+    assert viewer.dims.ndisplay == 3
+
+
+def test_predict_widget_reports_errors(make_napari_viewer, qtbot, tmp_path: Path) -> None:
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.float32), name="img")
+    widget = _predict_widget(viewer, tmp_path)  # an empty folder is no model
+    widget.run()
+    _wait_done(qtbot, widget)
+    assert widget.status.value.startswith("error:")
+    assert "config.json" in widget.status.value
+    assert "img labels" not in viewer.layers
+
+
+# ---------------------------------------------------------------------------------- train
+
+
+def _blobs(shape: tuple[int, int], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic image of ``n`` bright discs with their labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.indices(shape)
+    labels = np.zeros(shape, np.uint16)
+    for k in range(1, n + 1):
+        cy, cx = rng.integers(8, shape[0] - 8), rng.integers(8, shape[1] - 8)
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= rng.integers(16, 36)] = k
+    image = (labels > 0).astype(np.float32) + 0.1 * rng.standard_normal(shape).astype(np.float32)
+    return image, labels
+
+
+def _train_widget(viewer, output: Path, epochs: int):
+    from embseg.napari._train import TrainWidget
+
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.reset_choices()
+    widget.output.value = output
+    widget.epochs.value = epochs
+    widget.crop_size.value = "32"
+    widget.batch_size.value = 2
+    widget.samples_per_epoch.value = 4
+    widget.val_every.value = 1
+    widget.device.value = "cpu"
+    return widget
+
+
+def test_train_widget_two_epochs_from_layers(make_napari_viewer, qtbot, tmp_path: Path) -> None:
+    pairs = [_blobs((48, 48), 4, seed) for seed in range(3)]
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([p[0] for p in pairs]), name="frames")
+    viewer.add_labels(np.stack([p[1] for p in pairs]), name="annotations")
+    out = tmp_path / "run"
+    widget = _train_widget(viewer, out, epochs=2)
+    widget.start()
+    _wait_done(qtbot, widget)
+    assert widget.model is not None, widget.status.value
+    assert [row["epoch"] for row in widget.rows] == [1, 2]
+    assert (out / "model.safetensors").is_file() and (out / "checkpoints" / "last.json").is_file()
+    # the live curve shows both epochs
+    np.testing.assert_allclose(widget.loss_line.get_ydata(), [row["loss"] for row in widget.rows])
+    assert len(widget.ap_line.get_xdata()) == 2
+    # the preview is the held-out last frame, segmented by the trained model
+    preview = viewer.layers["embseg preview"].data
+    assert preview.shape == (48, 48)
+    np.testing.assert_array_equal(preview, widget.model.predict(pairs[-1][0], axes="YX", device="cpu"))
+    np.testing.assert_array_equal(viewer.layers["embseg preview image"].data, pairs[-1][0])
+    assert widget.progress.value == 2
+    assert widget.status.value.startswith("done")
+
+
+def test_train_widget_stop_and_resume(make_napari_viewer, qtbot, tmp_path: Path) -> None:
+    import json
+
+    image, labels = _blobs((48, 48), 5, seed=7)
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="img")
+    viewer.add_labels(labels, name="lab")
+    out = tmp_path / "run"
+    widget = _train_widget(viewer, out, epochs=500)
+    widget.start()
+    qtbot.waitUntil(lambda: len(widget.rows) >= 1, timeout=WAIT_MS)
+    assert widget.stop_button.enabled
+    widget.stop()
+    _wait_done(qtbot, widget)
+    stopped_at = widget.rows[-1]["epoch"]
+    assert stopped_at < 500
+    assert json.loads((out / "checkpoints" / "last.json").read_text())["epoch"] == stopped_at
+    assert (out / "model.safetensors").is_file()
+    assert "embseg preview" in viewer.layers  # a single image previews on itself
+    assert viewer.layers["embseg preview"].data.shape == image.shape
+
+    # starting again without resume refuses the non-empty folder
+    widget.start()
+    assert "resume" in widget.status.value and widget.status.value.startswith("error")
+
+    widget.resume.value = True
+    widget.epochs.value = stopped_at + 1
+    widget.start()
+    _wait_done(qtbot, widget)
+    assert widget.rows[-1]["epoch"] == stopped_at + 1, widget.status.value
+    assert json.loads((out / "checkpoints" / "last.json").read_text())["epoch"] == stopped_at + 1
+
+
+def test_train_widget_from_folders(make_napari_viewer, qtbot, tmp_path: Path) -> None:
+    import tifffile
+
+    for split, seeds in (("train", (0, 1)), ("val", (2,))):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "masks").mkdir(parents=True)
+        for seed in seeds:
+            image, labels = _blobs((40, 40), 3, seed)
+            tifffile.imwrite(tmp_path / split / "images" / f"b{seed}.tif", image)
+            tifffile.imwrite(tmp_path / split / "masks" / f"b{seed}.tif", labels)
+    viewer = make_napari_viewer()
+    widget = _train_widget(viewer, tmp_path / "run", epochs=1)
+    widget.source.value = "folders"
+    assert not widget.image.visible and widget.images_dir.visible
+    widget.images_dir.value = tmp_path / "train" / "images"
+    widget.masks_dir.value = tmp_path / "train" / "masks"
+    widget.val_images_dir.value = tmp_path / "val" / "images"
+    widget.val_masks_dir.value = tmp_path / "val" / "masks"
+    widget.start()
+    _wait_done(qtbot, widget)
+    assert widget.model is not None, widget.status.value
+    preview_image = tifffile.imread(tmp_path / "val" / "images" / "b2.tif")
+    np.testing.assert_array_equal(viewer.layers["embseg preview image"].data, preview_image)
+    np.testing.assert_array_equal(viewer.layers["embseg preview"].data,
+                                  widget.model.predict(preview_image, axes="YX", device="cpu"))
+
+
+def test_layer_pairs_shapes() -> None:
+    from embseg.errors import UserError
+    from embseg.napari._train import layer_pairs
+
+    labels = np.zeros((3, 16, 16), np.uint8)
+    pairs, axes = layer_pairs(np.zeros((3, 2, 16, 16)), labels, ndim=2)
+    assert axes == "CYX" and len(pairs) == 3 and pairs[0][0].shape == (2, 16, 16)
+    pairs, axes = layer_pairs(np.zeros((16, 16, 3)), labels[0], ndim=2, rgb=True)
+    assert axes == "CYX" and pairs[0][0].shape == (3, 16, 16)
+    pairs, axes = layer_pairs(np.zeros((3, 16, 16)), labels, ndim=3)
+    assert axes == "ZYX" and len(pairs) == 1
+    with pytest.raises(UserError, match="does not fit"):
+        layer_pairs(np.zeros((16, 17)), labels[0], ndim=2)
+    with pytest.raises(UserError, match="integers"):
+        layer_pairs(np.zeros((16, 16)), np.zeros((16, 16), np.float32), ndim=2)
+
+
+def test_image_layout_and_tile_parsing() -> None:
+    from embseg.errors import UserError
+    from embseg.napari._common import image_layout, parse_tile_shape
+
+    array, axes, stack = image_layout(np.zeros((5, 16, 16)), ndim=2, in_channels=1)
+    assert (array.shape, axes, stack) == ((5, 16, 16), "YX", True)
+    array, axes, stack = image_layout(np.zeros((5, 16, 16)), ndim=3, in_channels=1)
+    assert (axes, stack) == ("ZYX", False)
+    array, axes, stack = image_layout(np.zeros((16, 16, 2, 5)), ndim=2, in_channels=2, axes="YXCT")
+    assert (array.shape, axes, stack) == ((5, 16, 16, 2), "YXC", True)
+    assert parse_tile_shape("") is None and parse_tile_shape("256") == 256
+    assert parse_tile_shape("32, 128x128", ndim=3) == (32, 128, 128)
+    with pytest.raises(UserError):
+        parse_tile_shape("12,12", ndim=3)
+    with pytest.raises(UserError):
+        image_layout(np.zeros((16, 16)), ndim=2, in_channels=1, axes="TYX")
+
+
+def test_napari_import_stays_light() -> None:
+    """Importing the plugin's modules (what napari does to build a widget) must not import torch."""
+    code = ("import sys, embseg.napari, embseg.napari._sample_data, embseg.napari._common, "
+            "embseg.napari._predict, embseg.napari._train; print('torch' in sys.modules)")
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"
