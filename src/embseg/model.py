@@ -221,6 +221,7 @@ class Model:
         """
         from embseg.cluster import seed_map
 
+        check_thresholds(seed_thresh, fg_thresh, min_size)  # before the expensive part
         raw = self.predict_raw(image, axes=axes, tta=tta, tile_shape=tile_shape, device=device,
                                source=source)
         labels = self.cluster(raw, seed_thresh=seed_thresh, fg_thresh=fg_thresh, min_size=min_size)
@@ -239,11 +240,7 @@ class Model:
         from embseg.cluster import cluster
 
         cfg = self.config
-        for name, value in (("seed_thresh", seed_thresh), ("fg_thresh", fg_thresh)):
-            if value is not None and not 0 < value < 1:
-                raise UserError(f"{name} must be in (0, 1), got {value}")
-        if min_size is not None and min_size < 0:
-            raise UserError(f"min_size must be >= 0, got {min_size}")
+        check_thresholds(seed_thresh, fg_thresh, min_size)
         labels = cluster(
             raw,
             cfg.grid_step,
@@ -271,6 +268,15 @@ class Model:
         with atomic_write(folder / CONFIG_FILE, overwrite=overwrite) as tmp:
             Path(tmp).write_text(cfg.to_json())
         return folder
+
+
+def check_thresholds(seed_thresh: float | None, fg_thresh: float | None, min_size: int | None) -> None:
+    """Raise :class:`UserError` for clustering thresholds out of range (``None`` = the model's)."""
+    for name, value in (("seed_thresh", seed_thresh), ("fg_thresh", fg_thresh)):
+        if value is not None and not 0 < value < 1:
+            raise UserError(f"{name} must be in (0, 1), got {value}")
+    if min_size is not None and min_size < 0:
+        raise UserError(f"min_size must be >= 0, got {min_size}")
 
 
 def relabel_sequential(labels: np.ndarray) -> np.ndarray:
