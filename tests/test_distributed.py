@@ -36,6 +36,7 @@ from embseg.normalize import percentile_stats
 from embseg.zarr_io import open_zarr_image, read_zarr_labels, write_image_zarr
 
 distributed = pytest.importorskip("distributed")
+pytest.importorskip("zarr")
 
 H = 1.0 / 1023.0
 SHIFT = 4
@@ -358,3 +359,19 @@ def test_cli_predict_zarr_on_a_scheduler_address(client, tmp_path, capsys):
     assert main(["predict", *args, "--into-image", "embseg"]) == 0
     np.testing.assert_array_equal(read_zarr_labels(image / "labels" / "embseg"), got)
     assert main(["predict", *args[:-1], "--block-shape", "0"]) == 2
+
+
+def test_cores_reached_equals_brute_force():
+    from embseg.distributed import _cores_reached
+
+    blocks = plan_blocks((37, 100, 61), (16, 40, 24), 8, 8)
+    starts = [np.unique([b.core[d].start for b in blocks]) for d in range(3)]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lo = rng.integers(0, [37, 100, 61])
+        size = rng.integers(1, [30, 60, 40])
+        size = np.minimum(size, np.array([37, 100, 61]) - lo)
+        brute = [b.index for b in blocks
+                 if all(c.start < a + n and a < c.stop for c, a, n in zip(b.core, lo, size, strict=True))]
+        assert _cores_reached(starts, lo, size) == brute
+    assert _cores_reached(starts, (0, 0, 0), (0, 5, 5)) == []

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -369,7 +370,29 @@ def _worker_device(device: str) -> str:
     return "auto"
 
 
+def _rss_mb() -> float | None:
+    """Resident memory of this process now (Linux only)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process.
+
+    Linux: ``VmHWM`` of the process's own address space. (``ru_maxrss`` would not do: it keeps
+    the high-water mark across ``exec``, so a freshly spawned dask worker would report at least
+    the RSS its parent had when it forked.) Elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows
@@ -384,7 +407,7 @@ def run_block(model: Any, source: Any, block: Block, settings: BlockSettings, re
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     objects = segment_block(model, source, block, settings)
     objects.save(Path(result))
     try:
@@ -398,8 +421,10 @@ def run_block(model: Any, source: Any, block: Block, settings: BlockSettings, re
         "objects": int(objects.seed_value.size),
         "cut": int(objects.cut.sum()),
         "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu,
         "voxels": math.prod(s.stop - s.start for s in block.core),
         "peak_rss_mb": _peak_rss_mb(),
+        "rss_mb": _rss_mb(),
         "worker": worker,
         "pid": os.getpid(),
     }
@@ -488,6 +513,9 @@ class BlockRunReport:
     voxels: int
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     block_seconds: float = 0.0
+    block_cpu_seconds: float = 0.0
+    startup_seconds: float = 0.0
+    blocks: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @property
     def voxels_per_second(self) -> float:
@@ -647,42 +675,27 @@ def predict_blocks(
     -------
     BlockRunReport
     """
-    from distributed import as_completed
-    from tqdm.auto import tqdm
-
-    from embseg.zarr_io import block_aligned_chunks, create_label_image, json_attr
+    from embseg.zarr_io import json_attr
 
     started = time.perf_counter()
-    ndim = model.ndim
-    source = as_source(image, axes=axes, ndim=ndim)
+    source = as_source(image, axes=axes, ndim=model.ndim)
     if source.n_channels != model.config.in_channels:
         raise UserError(
             f"{getattr(source, 'path', 'image')}: {source.n_channels} channel(s) but the model expects "
             f"{model.config.in_channels}"
         )
     shape = source.spatial_shape
-    blocks_wanted = per_axis(block_shape if block_shape is not None else DEFAULT_BLOCK[ndim], ndim, "block_shape")
-    block_shape = tuple(_round_up(min(b, _round_up(n))) for b, n in zip(blocks_wanted, shape, strict=True))
-    halo = tuple(_round_up(h) for h in per_axis(object_halo if object_halo is not None else default_object_halo(model), ndim, "object_halo"))
-    ctx = tuple(_round_up(c) for c in per_axis(context if context is not None else model.halo(), ndim, "context"))
+    block_shape, halo, ctx = block_geometry(model, shape, block_shape, object_halo, context)
     blocks = plan_blocks(shape, block_shape, halo, ctx)
-    cfg = model.config
     output = Path(output).expanduser()
     work = work_folder(output)
     if overwrite:
         shutil.rmtree(work, ignore_errors=True)
-    lo, hi = volume_stats(source, cfg.norm_low, cfg.norm_high, max_samples)
-    settings = BlockSettings(
-        shape=tuple(shape), lo=tuple(float(v) for v in lo), hi=tuple(float(v) for v in hi),
-        seed_thresh=float(cfg.seed_thresh if seed_thresh is None else seed_thresh),
-        fg_thresh=float(cfg.fg_thresh if fg_thresh is None else fg_thresh),
-        min_size=int(cfg.min_size if min_size is None else min_size),
-        tta=bool(tta), device=str(device), tile_shape=tile_shape,
-    )
+    settings = _settings(model, source, tta, seed_thresh, fg_thresh, min_size, device, tile_shape, max_samples)
     plan = json_attr({
         "source": str(getattr(source, "path", "array")), "shape": shape, "block_shape": block_shape,
-        "object_halo": halo, "context": ctx, "weights": _weights_digest(model),
-        "grid_step": cfg.grid_step, "settings": {k: v for k, v in asdict(settings).items() if k not in ("device", "torch_threads")},
+        "object_halo": halo, "context": ctx, "weights": _weights_digest(model), "grid_step": model.config.grid_step,
+        "settings": {k: v for k, v in asdict(settings).items() if k not in ("device", "torch_threads")},
     })
     _check_work(work, plan, resume)
     if output.exists() and not overwrite and not (work / "plan.json").is_file():
@@ -691,76 +704,26 @@ def predict_blocks(
     results = work / "blocks"
     results.mkdir(parents=True, exist_ok=True)
     (work / "plan.json").write_text(json.dumps(plan, indent=1))
-    done = [b for b in blocks if (results / f"{b.index}.npz").is_file()]
     todo = [b for b in blocks if not (results / f"{b.index}.npz").is_file()]
+    n_done = len(blocks) - len(todo)
     if _stop_after is not None:  # test hook: as if the run were killed after k blocks
         todo = todo[:_stop_after]
-    summaries: list[dict[str, Any]] = []
-    block_time = time.perf_counter()
+    startup = time.perf_counter()
     with dask_client(scheduler, n_workers, processes, device) as (client, threads):
+        startup = time.perf_counter() - startup
+        block_time = time.perf_counter()
         if threads:
             settings = BlockSettings(**{**asdict(settings), "torch_threads": threads})
-        model.net.eval()
-        shared_model, shared_source = client.scatter([model, source], broadcast=True, hash=False)
-        futures = [
-            client.submit(run_block, shared_model, shared_source, b, settings, str(results / f"{b.index}.npz"),
-                          pure=False)
-            for b in todo
-        ]
-        bar = tqdm(total=len(blocks), initial=len(done), desc="blocks", unit="block", disable=not progress,
-                   file=sys.stderr)
-        try:
-            for future in as_completed(futures):
-                summaries.append(future.result())
-                bar.update(1)
-        except BaseException:
-            client.cancel(futures)
-            raise
-        finally:
-            bar.close()
+        summaries = _run_blocks(client, model, source, todo, settings, results, progress, len(blocks), n_done)
         block_time = time.perf_counter() - block_time
-        if _stop_after is not None and len(done) + len(todo) < len(blocks):
-            raise BlockRunInterrupted(f"stopped after {len(todo)} of {len(blocks)} blocks (test hook)")
-
-        # merge: global ids by seed order, then each output chunk from the blocks reaching it
-        metas = []
-        for b in blocks:
-            with np.load(results / f"{b.index}.npz") as data:
-                metas.append({k: data[k] for k in ("offset", "seed_position", "seed_value", "cut")}
-                             | {"crop_shape": data["labels"].shape})
-        ids = global_ids([m["seed_position"] for m in metas], [m["seed_value"] for m in metas], shape)
-        n_objects = int(sum(len(i) for i in ids))
-        dtype = "uint32" if n_objects < 2**32 else "uint64"
-        chunks = block_aligned_chunks(block_shape)
-        attrs = {"embseg": json_attr({"complete": False, "model": cfg.name, "model_source": getattr(model, "source", ""),
-                                      "block_shape": block_shape, "object_halo": halo, "context": ctx,
-                                      "source": plan["source"]})}
-        voxel_size = getattr(source, "voxel_size", None)
-        create_label_image(output, shape, chunks, voxel_size=voxel_size, unit=getattr(source, "unit", None),
-                           dtype=dtype, attributes=attrs, source_image=source_image, overwrite=True)
-        array_path = str(output / "0")
-        merges = []
-        for b in blocks:
-            parts = [
-                (str(results / f"{o.index}.npz"), ids[o.index]) for o in blocks
-                if len(ids[o.index]) and _intersection(b.core, metas[o.index]["offset"], metas[o.index]["crop_shape"])
-            ]
-            merges.append(client.submit(merge_chunk, b.core, parts, array_path, dtype, pure=False))
-        present = [f.result() for f in tqdm(as_completed(merges), total=len(merges), desc="merge", unit="block",
-                                            disable=not progress, file=sys.stderr)]
-        kept = np.unique(np.concatenate(present)) if present else np.zeros(0, dtype=np.int64)
-        if kept.size != n_objects:  # objects that lost all their pixels: close up the ids
-            lut = np.zeros(n_objects + 1, dtype=dtype)
-            lut[kept] = np.arange(1, kept.size + 1, dtype=dtype)
-            shared_lut = client.scatter(lut, broadcast=True)
-            client.gather([client.submit(relabel_chunk, b.core, shared_lut, array_path, pure=False) for b in blocks])
-        n_objects = int(kept.size)
-
-    from embseg.zarr_io import _zarr
-
-    group = _zarr().open_group(str(output), mode="r+")
-    group.attrs["embseg"] = {**group.attrs["embseg"], "complete": True, "n_objects": n_objects}
-    n_cut = int(sum(int(m["cut"].sum()) for m in metas))
+        if len(summaries) + n_done < len(blocks):
+            raise BlockRunInterrupted(f"stopped after {len(summaries)} of {len(blocks)} blocks (test hook)")
+        attrs = {"embseg": json_attr({"complete": False, "model": model.config.name,
+                                      "model_source": getattr(model, "source", ""), "block_shape": block_shape,
+                                      "object_halo": halo, "context": ctx, "source": plan["source"]})}
+        create = dict(voxel_size=getattr(source, "voxel_size", None), unit=getattr(source, "unit", None),
+                      attributes=attrs, source_image=source_image)
+        n_objects, n_cut = merge_blocks(client, blocks, results, shape, block_shape, output, create, progress)
     if n_cut:
         warnings.warn(
             f"{output}: {n_cut} object(s) reach the edge of their block's halo and may be cut; "
@@ -774,6 +737,129 @@ def predict_blocks(
             peaks[s["worker"]] = max(peaks.get(s["worker"], 0.0), float(s["peak_rss_mb"]))
     return BlockRunReport(
         output=output, n_objects=n_objects, n_blocks=len(blocks), n_computed=len(summaries),
-        n_resumed=len(done), n_cut=n_cut, seconds=time.perf_counter() - started,
+        n_resumed=n_done, n_cut=n_cut, seconds=time.perf_counter() - started,
         voxels=math.prod(shape), peak_rss_mb=peaks, block_seconds=block_time,
+        block_cpu_seconds=float(sum(s["cpu_seconds"] for s in summaries)), startup_seconds=startup,
+        blocks=sorted(summaries, key=lambda s: s["index"]),
     )
+
+
+def block_geometry(
+    model: Any,
+    shape: Sequence[int],
+    block_shape: int | Sequence[int] | None = None,
+    object_halo: int | Sequence[int] | None = None,
+    context: int | Sequence[int] | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Block shape, object halo and context per axis, with the defaults filled in and each rounded
+    up to a multiple of 8 (a block is at most the image, rounded up)."""
+    ndim = len(shape)
+    wanted = per_axis(block_shape if block_shape is not None else DEFAULT_BLOCK[ndim], ndim, "block_shape")
+    if any(b < 1 for b in wanted):
+        raise UserError(f"block shape {wanted} must be positive")
+    blocks = tuple(_round_up(min(b, _round_up(n))) for b, n in zip(wanted, shape, strict=True))
+    halo = per_axis(object_halo if object_halo is not None else default_object_halo(model), ndim, "object_halo")
+    ctx = per_axis(context if context is not None else model.halo(), ndim, "context")
+    if any(v < 0 for v in halo + ctx):
+        raise UserError(f"object halo {halo} and context {ctx} must be >= 0")
+    return blocks, tuple(_round_up(h) for h in halo), tuple(_round_up(c) for c in ctx)
+
+
+def _settings(model: Any, source: Any, tta: bool, seed_thresh: float | None, fg_thresh: float | None,
+              min_size: int | None, device: str, tile_shape: tuple[int, ...] | None,
+              max_samples: int | None) -> BlockSettings:
+    cfg = model.config
+    lo, hi = volume_stats(source, cfg.norm_low, cfg.norm_high, max_samples)
+    return BlockSettings(
+        shape=tuple(source.spatial_shape), lo=tuple(float(v) for v in lo), hi=tuple(float(v) for v in hi),
+        seed_thresh=float(cfg.seed_thresh if seed_thresh is None else seed_thresh),
+        fg_thresh=float(cfg.fg_thresh if fg_thresh is None else fg_thresh),
+        min_size=int(cfg.min_size if min_size is None else min_size),
+        tta=bool(tta), device=str(device), tile_shape=tile_shape,
+    )
+
+
+def _run_blocks(client: Any, model: Any, source: Any, todo: Sequence[Block], settings: BlockSettings,
+                results: Path, progress: bool, n_blocks: int, n_done: int) -> list[dict[str, Any]]:
+    """Submit the block tasks (model and image shipped once to every worker); their summaries."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    model.net.eval()
+    shared_model, shared_source = client.scatter([model, source], broadcast=True, hash=False)
+    futures = [client.submit(run_block, shared_model, shared_source, b, settings, str(results / f"{b.index}.npz"),
+                             pure=False) for b in todo]
+    summaries = []
+    with tqdm(total=n_blocks, initial=n_done, desc="blocks", unit="block", disable=not progress,
+              file=sys.stderr) as bar:
+        try:
+            for future in as_completed(futures):
+                summaries.append(future.result())
+                bar.update(1)
+        except BaseException:
+            client.cancel(futures)
+            raise
+    return summaries
+
+
+def _cores_reached(starts: Sequence[np.ndarray], box_start: Sequence[int], box_shape: Sequence[int]) -> list[int]:
+    """Indices (C order of the block grid) of the cores that a box reaches.
+
+    ``starts[d]``: the ascending core starts along axis ``d``.
+
+    Examples
+    --------
+    >>> _cores_reached([np.array([0, 8]), np.array([0, 8, 16])], (6, 7), (4, 2))
+    [0, 1, 3, 4]
+    """
+    if not all(box_shape):
+        return []
+    ranges = []
+    for axis_starts, lo, n in zip(starts, box_start, box_shape, strict=True):
+        first = int(np.searchsorted(axis_starts, lo, side="right")) - 1
+        last = int(np.searchsorted(axis_starts, lo + n - 1, side="right")) - 1
+        ranges.append(range(first, last + 1))
+    grid = tuple(len(a) for a in starts)
+    return [int(np.ravel_multi_index(index, grid)) for index in itertools.product(*ranges)]
+
+
+def merge_blocks(client: Any, blocks: Sequence[Block], results: Path, shape: Sequence[int],
+                 block_shape: Sequence[int], output: Path, create: dict[str, Any],
+                 progress: bool) -> tuple[int, int]:
+    """Global ids by seed order, the label image written chunk by chunk, ids closed up.
+
+    Returns the number of objects and of objects that may be cut.
+    """
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    from embseg.zarr_io import _zarr, block_aligned_chunks, create_label_image
+
+    metas = []
+    for b in blocks:
+        with np.load(results / f"{b.index}.npz") as data:
+            metas.append({k: data[k] for k in ("offset", "seed_position", "seed_value", "cut")}
+                         | {"crop_shape": data["labels"].shape})
+    ids = global_ids([m["seed_position"] for m in metas], [m["seed_value"] for m in metas], shape)
+    n_objects = int(sum(len(i) for i in ids))
+    dtype = "uint32" if n_objects < 2**32 else "uint64"
+    create_label_image(output, shape, block_aligned_chunks(block_shape), dtype=dtype, overwrite=True, **create)
+    array_path = str(output / "0")
+    starts = [np.unique([b.core[d].start for b in blocks]) for d in range(len(shape))]
+    parts: dict[int, list[tuple[str, np.ndarray]]] = {b.index: [] for b in blocks}
+    for b, meta in zip(blocks, metas, strict=True):
+        if len(ids[b.index]):
+            for index in _cores_reached(starts, meta["offset"], meta["crop_shape"]):
+                parts[index].append((str(results / f"{b.index}.npz"), ids[b.index]))
+    merges = [client.submit(merge_chunk, b.core, parts[b.index], array_path, dtype, pure=False) for b in blocks]
+    present = [f.result() for f in tqdm(as_completed(merges), total=len(merges), desc="merge", unit="block",
+                                        disable=not progress, file=sys.stderr)]
+    kept = np.unique(np.concatenate(present)) if present else np.zeros(0, dtype=np.int64)
+    if kept.size != n_objects:  # objects that lost all their pixels: close up the ids
+        lut = np.zeros(n_objects + 1, dtype=dtype)
+        lut[kept] = np.arange(1, kept.size + 1, dtype=dtype)
+        shared_lut = client.scatter(lut, broadcast=True)
+        client.gather([client.submit(relabel_chunk, b.core, shared_lut, array_path, pure=False) for b in blocks])
+    group = _zarr().open_group(str(output), mode="r+")
+    group.attrs["embseg"] = {**group.attrs["embseg"], "complete": True, "n_objects": int(kept.size)}
+    return int(kept.size), int(sum(int(m["cut"].sum()) for m in metas))
