@@ -16,7 +16,8 @@ the number of dimensions like a TIFF (``embseg.io.read_image``; 3D needs ``ndim`
 Writing
 -------
 :func:`create_label_image` makes an empty, chunked ``uint32`` label image as an OME-Zarr
-(NGFF **v0.4**, zarr format 2: what napari-ome-zarr and Fiji read most reliably) group with one
+(NGFF **v0.4**, zarr format 2: what napari-ome-zarr and Fiji read most reliably; written with
+zarr-python 3) group with one
 multiscale level ``0``, zlib-compressed chunks and ``/``-separated chunk keys, and the
 ``image-label`` metadata of the spec. It is either
 
@@ -30,7 +31,6 @@ multiscale level ``0``, zlib-compressed chunks and ``/``-separated chunk keys, a
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,12 +53,10 @@ def _zarr():
     try:
         import zarr
     except ImportError:  # pragma: no cover - the zarr extra is missing
-        raise UserError("zarr support needs the zarr extra: pip install 'embseg[zarr]'") from None
+        raise UserError("zarr support needs the zarr extra (zarr 3, Python >= 3.11): pip install 'embseg[zarr]'") from None
+    if int(zarr.__version__.split(".")[0]) < 3:  # pragma: no cover
+        raise UserError(f"embseg needs zarr >= 3 (zarr {zarr.__version__} is installed)")
     return zarr
-
-
-def _zarr_major() -> int:
-    return int(_zarr().__version__.split(".")[0])
 
 
 def is_zarr(path: str | Path) -> bool:
@@ -300,7 +298,7 @@ def open_zarr_image(path: str | Path, axes: str | None = None, ndim: int | None 
 
 
 def _plain_axes(node: Any, ndim: int | None, path: Path) -> str:
-    names = node.attrs.get("_ARRAY_DIMENSIONS") or getattr(node.metadata, "dimension_names", None)
+    names = node.attrs.get("_ARRAY_DIMENSIONS") or getattr(node.metadata, "dimension_names", None)  # v2 / v3
     shape = tuple(int(n) for n in node.shape)
     if names and len(names) == len(shape) and all(isinstance(n, str) for n in names):
         letters = "".join(n.upper() for n in names)
@@ -335,27 +333,18 @@ def read_zarr_labels(path: str | Path) -> np.ndarray:
 
 
 def _create_array(group: Any, name: str, shape: Sequence[int], chunks: Sequence[int], dtype: Any) -> Any:
-    """A zlib-compressed, zero-filled zarr-format-2 array with ``/`` chunk keys (zarr 2 or 3)."""
+    """A zlib-compressed (readable by Fiji's pure-Java codecs), zero-filled array with ``/`` chunk
+    keys (NGFF 0.4) in a zarr-format-2 group."""
     import numcodecs
 
-    shape, chunks = tuple(int(n) for n in shape), tuple(int(c) for c in chunks)
-    if _zarr_major() >= 3:
-        return group.create_array(
-            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
-            compressors=numcodecs.Zlib(level=1),
-            chunk_key_encoding={"name": "v2", "separator": "/"},
-        )
-    return group.create_dataset(  # pragma: no cover - zarr 2
-        name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
-        compressor=numcodecs.Zlib(level=1), dimension_separator="/",
+    return group.create_array(
+        name, shape=tuple(int(n) for n in shape), chunks=tuple(int(c) for c in chunks), dtype=dtype,
+        fill_value=0, compressors=numcodecs.Zlib(level=1), chunk_key_encoding={"name": "v2", "separator": "/"},
     )
 
 
 def _open_group_v2(path: Path, mode: str) -> Any:
-    zarr = _zarr()
-    if _zarr_major() >= 3:
-        return zarr.open_group(str(path), mode=mode, zarr_format=2)
-    return zarr.open_group(str(path), mode=mode)  # pragma: no cover - zarr 2
+    return _zarr().open_group(str(path), mode=mode, zarr_format=2)
 
 
 def multiscales_metadata(
@@ -451,7 +440,7 @@ def label_group_in_image(image_group: str | Path, name: str) -> Path:
         raise UserError(f"label name {name!r} must be a plain folder name")
     labels_path = image_group / "labels"
     if is_zarr(labels_path):
-        zarr_format = _open(labels_path).metadata.zarr_format if _zarr_major() >= 3 else 2
+        zarr_format = _open(labels_path).metadata.zarr_format
         if zarr_format != 2:
             raise UserError(f"{labels_path}: a zarr format {zarr_format} labels group; embseg writes format 2 (NGFF 0.4)")
         group = _open_group_v2(labels_path, "r+")
@@ -523,8 +512,3 @@ def block_aligned_chunks(block_shape: Sequence[int], max_chunk: int = 256) -> tu
 def json_attr(value: Any) -> Any:
     """``value`` made JSON-safe for zarr attributes (NumPy scalars and arrays to Python)."""
     return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
-
-
-def n_chunks(shape: Sequence[int], chunks: Sequence[int]) -> int:
-    """Number of chunks of an array."""
-    return math.prod(math.ceil(n / c) for n, c in zip(shape, chunks, strict=True))
