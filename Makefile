@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU build by default (it lies on this machine's disk). CUDA users: make test TORCH_SPEC="torch==2.13.0 --index-url ..."
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,zarr,napari
+EXTRAS ?= dev,zarr,napari,export
 
 .PHONY: setup test demo lint bench clean
 

@@ -265,6 +265,40 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from embseg.export import check_package, export_bioimageio, export_onnx, export_torchscript
+    from embseg.model import load_model
+
+    model = load_model(args.model)
+    out = Path(args.output)
+    if args.format == "bioimageio":
+        image = axes = None
+        if args.image:
+            from embseg.io import read_image
+
+            image, axes = read_image(args.image, axes=args.axes, ndim=model.ndim)
+        export_bioimageio(model, out, image=image, axes=axes, authors=args.author or ["embseg"],
+                          license=args.license, name=args.name, overwrite=args.overwrite)
+        print(f"wrote bioimage.io package {out} (outputs: labels, seeds)")
+        if args.no_check:
+            return 0
+        result = check_package(out)
+        print(f"bioimage.io model test: {'passed' if result.passed else 'FAILED'}")
+        if not result.passed:
+            print(result.report)
+            return 1
+    elif args.format == "torchscript":
+        export_torchscript(model, out, overwrite=args.overwrite)
+        print(f"wrote TorchScript network {out} (raw outputs; checked against PyTorch)")
+    else:
+        _, checked = export_onnx(model, out, overwrite=args.overwrite)
+        note = "checked with onnxruntime" if checked else "not checked: onnxruntime is not installed"
+        print(f"wrote ONNX network {out} (raw outputs; {note})")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import platform
 
@@ -395,6 +429,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("export", help="export a model: bioimage.io package (labels out), TorchScript or ONNX")
+    p.add_argument("model", help="model folder or shipped model name")
+    p.add_argument("-o", "--output", required=True, help="output file (.zip for bioimageio)")
+    p.add_argument("--format", choices=["bioimageio", "torchscript", "onnx"], default="bioimageio",
+                   help="bioimageio: network + clustering, labels out; torchscript/onnx: network only, "
+                        "raw outputs (default: bioimageio)")
+    p.add_argument("--image", help="test image for the package (default: a bundled sample)")
+    p.add_argument("--axes", help="axes of --image, e.g. YX, CYX, ZYX")
+    p.add_argument("--author", action="append", help="author name (repeat for several; default: embseg)")
+    p.add_argument("--license", default="BSD-3-Clause", help="SPDX licence id (default: BSD-3-Clause)")
+    p.add_argument("--name", help="package name (default: the model's name)")
+    p.add_argument("--no-check", action="store_true", help="skip the bioimage.io model test after export")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("info", help="versions and the device that would be used")
     p.add_argument("--device", default="auto")
