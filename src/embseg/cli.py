@@ -336,14 +336,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from embseg.model import load_model
     from embseg.plots import explain_figure
 
+    out = Path(args.output or Path(args.image).name.split(".")[0] + "_explain.png")
+    if out.exists() and not args.overwrite:  # before the expensive part
+        raise UserError(f"{out}: exists; use --overwrite")
     model = load_model(args.model)
     image, axes = read_image(args.image, axes=args.axes, ndim=model.ndim)
     mask = read_labels(args.mask, ndim=model.ndim) if args.mask else None
     raw = model.predict_raw(image, axes=axes, device=args.device, source=str(args.image))
     labels = model.cluster(raw)
-    out = Path(args.output or Path(args.image).name.split(".")[0] + "_explain.png")
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out}: exists; use --overwrite")
     explain_figure(model.prepare(image, axes), raw, labels, model.config.grid_step, out, mask=mask,
                    n_objects=args.objects)
     print(f"wrote {out}")
