@@ -280,7 +280,7 @@ def test_bioimageio_package_outputs_labels_and_passes_the_model_test(tmp_path, n
     (inp,) = rdf["inputs"]
     space = [a for a in inp["axes"] if a["type"] == "space"]
     assert [a["id"] for a in space] == list("zyx"[-ndim:])
-    assert all(a["size"] == {"min": 8, "step": 8} for a in space)
+    assert all(a["size"] == {"min": 8, "step": 1} for a in space)  # the forward pads to 8
     scale = next(p for p in inp["preprocessing"] if p["id"] == "scale_range")["kwargs"]
     assert (scale["min_percentile"], scale["max_percentile"]) == (1.0, 99.8)
     assert scale["axes"] == list("zyx"[-ndim:])

@@ -369,16 +369,17 @@ def _documentation(model: Model, name: str) -> str:
     axes = "ZYX"[-model.ndim:]
     return f"""# {name}
 
-An [embseg](https://pypi.org/project/embseg/) instance segmentation model (the EmbedSeg method:
+An embseg instance segmentation model (the EmbedSeg method:
 spatial embeddings, seediness and learnt clustering bandwidths) for {model.ndim}D images with
 {cfg.in_channels} channel(s). The network is a branched ERFNet; its forward pass here ends in the
 greedy seed clustering, so the model outputs an **instance label image**.
 
 ## Inputs and outputs
 
-- `input`: `(batch, channel, {', '.join(axes.lower())})`, any size that is a multiple of 8 per
-  spatial axis. Normalised by the `scale_range` preprocessing: percentiles {cfg.norm_low:g} and
-  {cfg.norm_high:g} per channel over the spatial axes, no clipping.
+- `input`: `(batch, channel, {', '.join(axes.lower())})`, any size of at least 8 per spatial axis
+  (the model reflect-pads to multiples of 8 inside and crops back). Normalised by the
+  `scale_range` preprocessing: percentiles {cfg.norm_low:g} and {cfg.norm_high:g} per channel
+  over the spatial axes, no clipping.
 - `labels`: int32 instance labels, 0 = background, objects numbered 1..N per image.
 - `seeds`: float32 seediness in [0, 1] (the network's guess of how central a pixel is).
 
@@ -433,7 +434,9 @@ def _rdf(
     channel_names = [f"channel{i}" for i in range(cfg.in_channels)]
     in_axes = [{"type": "batch"}, {"type": "channel", "channel_names": channel_names}]
     for axis in _axes(ndim, cfg.anisotropy):
-        in_axes.append({**axis, "size": {"min": STRIDE, "step": STRIDE}})
+        # Any size from 8 on: the forward pass reflect-pads to multiples of 8 and crops back
+        # (as embseg predict does), so consumers need not pad and sizes like 250 x 243 work.
+        in_axes.append({**axis, "size": {"min": STRIDE, "step": 1}})
 
     def out_axes(channel: str) -> list[dict[str, Any]]:
         axes: list[dict[str, Any]] = [{"type": "batch"}, {"type": "channel", "channel_names": [channel]}]
