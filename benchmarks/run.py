@@ -249,19 +249,25 @@ def fmt_s(t: float) -> str:
 
 
 def write_report(path: Path, results: list[dict], command: str, started: str, elapsed: float,
-                 load: tuple[tuple[float, ...], tuple[float, ...]], quick: bool) -> None:
+                 load: tuple[tuple[float, ...], tuple[float, ...]], quick: bool, pending: list[str],
+                 merged_from: Path | None = None) -> None:
     lines = [
         "# Benchmarks: embseg vs the original EmbedSeg 0.2.5",
         "",
-        f"- Date: {started} (UTC); wall time of the run {elapsed / 60:.1f} min" + (" (--quick)" if quick else ""),
+        *([f"**Incomplete run: still to run {', '.join(pending)}.**", ""] if pending else []),
+        f"- Date: {started} (UTC)" + (f"; wall time of the run {elapsed / 60:.1f} min" if elapsed == elapsed else "")
+        + (" (--quick)" if quick else ""),
         f"- Command: `{command}`",
         f"- Machine: {machine()}",
         f"- Load average (1, 5, 15 min) at start {load[0]}, at end {load[1]} — the machine is shared, so "
         "absolute times are noisy; ratios come from repetitions of the two implementations alternated in "
         "the same run.",
         "- Both: torch 2.13.0 CPU, 2 threads (`torch.set_num_threads(2)`, `OMP_NUM_THREADS=2`), one worker "
-        "process per implementation and benchmark (peak RSS = `ru_maxrss` of that process, which includes "
-        "~250 MB for Python + torch + inputs).",
+        "process per implementation and benchmark (peak RSS = `VmHWM` of that process, which includes "
+        "~250 MB for Python + torch + inputs; `ru_maxrss` is not used since Linux carries it over `exec` "
+        "from the driver).",
+        *([f"- Merged: rows not run by this command come from an earlier run (`{merged_from.name}`); each "
+           "row's own run is listed under the table."] if merged_from else []),
         "- Reference: embedseg 0.2.5 (sdist, numpy<2, its own venv, `benchmarks/setup_reference.py`), run "
         "for measurement only.",
         "",
@@ -289,6 +295,16 @@ def write_report(path: Path, results: list[dict], command: str, started: str, el
         if "error" not in r:
             lines.append(f"- {r['name']}: ours {[round(t, 3) for t in r['ours']['times']]}, "
                          f"ref {[round(t, 3) for t in r['ref']['times']]}")
+    runs = sorted({(r["run"]["started"], r["run"]["command"]) for r in results if "run" in r})
+    if len(runs) > 1:
+        lines += ["", "Runs:", ""]
+        for started_at, cmd in runs:
+            names = [r["name"] for r in results if r.get("run", {}).get("started") == started_at]
+            wall = {r["run"].get("wall_min") for r in results if r.get("run", {}).get("started") == started_at} - {None}
+            wall_text = f" ({max(wall):.1f} min)" if wall else ""
+            lines.append(f"- {started_at} UTC, `{cmd}`{wall_text}: {', '.join(names)}")
+    lines += ["", "Load average before / after each benchmark: " + "; ".join(
+        f"{r['name']} {r['run']['load_before'][0]}/{r['run']['load_after'][0]}" for r in results if "run" in r)]
     lines += ["", "## What is measured", ""] + [f"- {t}" for t in NOTES] + [""]
     path.write_text("\n".join(lines))
 
@@ -310,6 +326,10 @@ NOTES = [
     "(the reference ignores fg_thresh in 2D: 0.5 is its fixed value), min size: reference "
     "`min_object_size=10` ('>'), ours `min_size=11` ('>='). The check compares our labels with the "
     "reference's (AP at IoU 0.9, and exact equality up to a permutation of ids) and with the truth.",
+    "The clustering check is exact up to one object on cluster_2d: ours counts the seed pixel as "
+    "unclustered in the 'more than half unclustered' test, the reference marks it clustered first "
+    "(documented in `embseg.cluster.cluster`); at exactly half, ours accepts a proposal the reference "
+    "rejects (1 of 1056 objects here).",
     "**train_step_***: one optimiser step: network forward on a batch of object-centred crops, loss, "
     "backward, Adam (lr 5e-4, weight decay 1e-4), train mode (dropout on). Same weights: ours, copied into "
     "the reference network by order of equally shaped state-dict entries, decoder A's output channels "
@@ -327,6 +347,14 @@ NOTES = [
     "**Targets** (ratio ref/ours): loss ≥10×, clustering ≥20×, training step ≥2×, prediction without "
     "TTA ≥3×, medoid ≥10×.",
 ]
+
+
+def merged(kept: list[dict], new: list[dict]) -> list[dict]:
+    """``kept`` with the entries of ``new`` replacing those of the same name, in suite order."""
+    by_name = {r["name"]: r for r in kept}
+    by_name.update({r["name"]: r for r in new})
+    order = [b.name for b in BENCHES]
+    return sorted(by_name.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
 
 
 def select(names: str | None) -> list[Bench]:
@@ -349,10 +377,25 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None,
                         help="report path (default: benchmarks/RESULTS.md for a full run of all benchmarks, "
                              "else benchmarks/_work/RESULTS-<quick|partial>.md)")
+    parser.add_argument("--merge", type=Path, default=None,
+                        help="results JSON of an earlier run (benchmarks/_work/results-*.json): the benchmarks run "
+                             "now replace theirs, the others are kept, and the report covers all")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="only write the report (--output, default benchmarks/RESULTS.md) from a results JSON")
     parser.add_argument("--reps", type=int, default=None, help="override the repetitions of every benchmark")
     parser.add_argument("--warmup", type=int, default=None, help="override the warm-up runs of every benchmark")
     args = parser.parse_args()
 
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+        runs = [r["run"] for r in results if "run" in r]
+        first = min(runs, key=lambda r: r["started"]) if runs else {"started": "?", "command": "?"}
+        out = args.output or HERE / "RESULTS.md"
+        write_report(out, results, first["command"], first["started"], float("nan"),
+                     (tuple(first.get("load_before", ())), tuple(runs[-1].get("load_after", ()) if runs else ())),
+                     False, pending=[], merged_from=None)
+        print(f"report: {out}")
+        return
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     t_start = time.monotonic()
     load0 = tuple(round(x, 2) for x in os.getloadavg())
@@ -361,9 +404,18 @@ def main() -> None:
     benches = select(args.only)
     pythons = {"ours": Path(sys.executable), "ref": setup_reference.build()}
     root = WORK / "inputs"
-    results = []
+    if args.output is not None:
+        out = args.output
+    elif not args.quick and not args.only:
+        out = HERE / "RESULTS.md"
+    else:
+        out = WORK / f"RESULTS-{'quick' if args.quick else 'partial'}.md"
+    results: list[dict] = []
+    kept: list[dict] = json.loads(args.merge.read_text()) if args.merge else []
+    elapsed = 0.0
     for bench in benches:
         t0 = time.monotonic()
+        load_bench = tuple(round(x, 2) for x in os.getloadavg())
         entry = {"name": bench.name, "desc": bench.what, "target": bench.target}
         try:
             folder = inputs.build(root, bench.inputs, args.quick)
@@ -380,17 +432,17 @@ def main() -> None:
         except Exception as exc:  # report and go on with the other benchmarks
             entry["error"] = f"{type(exc).__name__}: {exc}"
             print(f"{bench.name:18s} ERROR {entry['error']}", flush=True)
+        entry["run"] = {"started": started, "command": command, "load_before": load_bench,
+                        "load_after": tuple(round(x, 2) for x in os.getloadavg())}
         results.append(entry)
-    elapsed = time.monotonic() - t_start
-    load1 = tuple(round(x, 2) for x in os.getloadavg())
-    if args.output is not None:
-        out = args.output
-    elif not args.quick and not args.only:
-        out = HERE / "RESULTS.md"
-    else:
-        out = WORK / f"RESULTS-{'quick' if args.quick else 'partial'}.md"
-    write_report(out, results, command, started, elapsed, (load0, load1), args.quick)
-    (WORK / f"results-{'quick' if args.quick else 'full'}.json").write_text(json.dumps(results, indent=1))
+        # the report is rewritten after every benchmark, so that an interrupted run leaves one
+        elapsed = time.monotonic() - t_start
+        load1 = tuple(round(x, 2) for x in os.getloadavg())
+        combined = merged(kept, results)
+        write_report(out, combined, command, started, elapsed, (load0, load1), args.quick,
+                     pending=[b.name for b in benches[len(results):]], merged_from=args.merge)
+        (WORK / f"results-{'quick' if args.quick else 'full'}.json").write_text(json.dumps(combined, indent=1))
+    results = merged(kept, results)
     by_name = {r["name"]: r for r in results if "ratio" in r}
 
     def ratio(name: str) -> str:

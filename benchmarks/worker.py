@@ -34,6 +34,17 @@ def rss_now_mb() -> float:
 
 
 def peak_rss_mb() -> float:
+    """Peak RSS of this process image: ``VmHWM`` (falls back to ``ru_maxrss``).
+
+    ``ru_maxrss`` is not used first because Linux carries it over ``execve``: a worker started
+    from a driver holding 1 GB would report at least 1 GB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -336,6 +347,7 @@ def _final_record(args, info: dict, times: list[float], result, rss_before: floa
     record = {"bench": args.bench, "impl": args.impl, "times": times, "rss_before_mb": rss_before,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "numpy": np.__version__, **info}
     record["peak_rss_mb"] = peak_rss_mb()
+    record["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     if isinstance(result, float):
         record["value"] = result
     elif args.save_output and result is not None and args.out is not None:
