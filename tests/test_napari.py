@@ -1,8 +1,9 @@
 """napari plugin: manifest, sample data, Predict and Train widgets (headless, pytest-qt).
 
-Qt runs on the ``offscreen`` platform; napari's OpenGL canvas still needs an X display, so an
-``Xvfb`` server is started for this module when no ``DISPLAY`` is set (``.ci/run`` installs the
-``xvfb`` Debian package). Without napari, pytest-qt or Xvfb the module skips and says why.
+napari's OpenGL canvas needs an X display: an ``Xvfb`` server is started for the session when no
+``DISPLAY`` is set (``.ci/run`` installs ``xvfb`` and the libraries of Qt's xcb platform). Qt
+runs on ``xcb`` there when it starts, else on ``offscreen`` (``QT_QPA_PLATFORM`` set by the user
+wins). Without napari, pytest-qt or an X display the module skips and says why.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import select
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+_ASKED_PLATFORM = os.environ.get("QT_QPA_PLATFORM")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 napari = pytest.importorskip("napari", reason="napari is not installed (pip install 'embseg[napari]')")
@@ -47,9 +50,14 @@ def _start_xvfb() -> subprocess.Popen | None:
                              "1280x1024x24", "-nolisten", "tcp"], pass_fds=(write_fd,),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(write_fd)
-    ready, _, _ = select.select([read_fd], [], [], 20)
-    number = os.read(read_fd, 64).decode().strip() if ready else ""
+    number, deadline = b"", time.monotonic() + 20
+    while not number.endswith(b"\n") and select.select([read_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        chunk = os.read(read_fd, 16)
+        if not chunk:
+            break
+        number += chunk
     os.close(read_fd)
+    number = number.decode().strip()
     if not number:
         proc.kill()
         pytest.skip("Xvfb did not start within 20 s")
@@ -66,12 +74,31 @@ def _display() -> Iterator[None]:
     the watcher once pytest has exited.
     """
     _start_xvfb()
+    if _ASKED_PLATFORM is None and _xcb_works():
+        # Qt 6's offscreen platform has no OpenGL widgets, and vispy then sometimes gets no GL
+        # context; on an X display (Xvfb) the xcb platform gives a real one.
+        os.environ["QT_QPA_PLATFORM"] = "xcb"
     yield
 
 
+def _xcb_works() -> bool:
+    """Whether Qt's xcb platform starts here (it aborts the process when a library is missing)."""
+    code = "from qtpy.QtWidgets import QApplication; QApplication([])"
+    env = {**os.environ, "QT_QPA_PLATFORM": "xcb"}
+    try:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              timeout=120).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 @pytest.fixture(scope="session")
-def model_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A freshly initialised (untrained) 2D model folder: outputs are arbitrary but fixed."""
+def model_2d(tmp_path_factory: pytest.TempPathFactory, qapp) -> Path:
+    """A freshly initialised (untrained) 2D model folder: outputs are arbitrary but fixed.
+
+    ``qapp`` first: the QApplication (and its OpenGL setup) is made before torch runs; the other
+    order gave vispy no GL context on Xvfb in some runs.
+    """
     import torch
 
     torch.manual_seed(0)
@@ -81,7 +108,7 @@ def model_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_3d(tmp_path_factory: pytest.TempPathFactory, qapp) -> Path:
     """A freshly initialised 3D model folder."""
     import torch
 
@@ -104,8 +131,18 @@ def _predict_widget(viewer, folder: Path):
     return widget
 
 
+def _thresholds(model, image: np.ndarray, axes: str) -> tuple[float, float]:
+    """Seed and foreground thresholds (2 decimals, as the spin boxes) inside an untrained
+    model's narrow seed range, so that its clustering finds objects."""
+    _, seeds = model.predict(image, axes=axes, device="cpu", return_seeds=True)
+    fg = round(float(np.quantile(seeds, 0.5)), 2)
+    seed = max(round(float(np.quantile(seeds, 0.995)), 2), fg + 0.01)
+    assert seeds.max() > seed, "seed map too flat for a threshold"
+    return seed, fg
+
+
 def _wait_done(qtbot, widget) -> None:
-    qtbot.waitUntil(lambda: widget.worker is not None and not widget.worker.is_running, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
     qtbot.wait(50)  # let the queued returned/finished signals run
 
 
@@ -172,20 +209,22 @@ def test_sample_data_3d_keeps_anisotropy() -> None:
 def test_predict_widget_matches_model_predict(make_napari_viewer, qtbot, model_2d: Path) -> None:
     from embseg import load_model
 
-    viewer = make_napari_viewer()
     image = sample("dsb-dense").image
+    model = load_model(model_2d)
+    seed_thresh, fg_thresh = _thresholds(model, image, "YX")
+    expected, seeds = model.predict(image, axes="YX", seed_thresh=seed_thresh, fg_thresh=fg_thresh,
+                                    min_size=5, device="cpu", return_seeds=True)
+    viewer = make_napari_viewer()
     viewer.add_image(image, name="nuclei")
     widget = _predict_widget(viewer, model_2d)
-    widget.model_thresholds.value = False  # an untrained model: low thresholds give objects
-    widget.seed_thresh.value, widget.fg_thresh.value, widget.min_size.value = 0.5, 0.3, 5
+    widget.model_thresholds.value = False
+    widget.seed_thresh.value, widget.fg_thresh.value, widget.min_size.value = seed_thresh, fg_thresh, 5
     widget.add_seeds.value = True
     widget.run()
     _wait_done(qtbot, widget)
     assert "nuclei labels" in viewer.layers, widget.status.value
     labels = viewer.layers["nuclei labels"]
     assert isinstance(labels, napari.layers.Labels)
-    expected, seeds = load_model(model_2d).predict(image, axes="YX", seed_thresh=0.5, fg_thresh=0.3,
-                                                   min_size=5, device="cpu", return_seeds=True)
     assert expected.max() > 0, "the oracle found no object: the comparison would be empty"
     np.testing.assert_array_equal(labels.data, expected)
     np.testing.assert_allclose(viewer.layers["nuclei seeds"].data, seeds, atol=1e-6)
@@ -264,16 +303,19 @@ def test_predict_widget_3d_volume(make_napari_viewer, qtbot, model_3d: Path) -> 
     from embseg import load_model
 
     volume = sample("qcanet-3d").image[8:24, 20:84, 20:84]
+    model = load_model(model_3d)
+    seed_thresh, fg_thresh = _thresholds(model, volume, "ZYX")
+    expected = model.predict(volume, axes="ZYX", seed_thresh=seed_thresh, fg_thresh=fg_thresh,
+                             min_size=5, device="cpu")
+    assert expected.max() > 0
     viewer = make_napari_viewer()
     viewer.add_image(volume, name="embryo", scale=(2.0, 1.0, 1.0))
     widget = _predict_widget(viewer, model_3d)
     widget.model_thresholds.value = False
-    widget.seed_thresh.value, widget.fg_thresh.value, widget.min_size.value = 0.5, 0.3, 5
+    widget.seed_thresh.value, widget.fg_thresh.value, widget.min_size.value = seed_thresh, fg_thresh, 5
     widget.run()
     _wait_done(qtbot, widget)
     assert "embryo labels" in viewer.layers, widget.status.value
-    expected = load_model(model_3d).predict(volume, axes="ZYX", seed_thresh=0.5, fg_thresh=0.3,
-                                            min_size=5, device="cpu")
     np.testing.assert_array_equal(viewer.layers["embryo labels"].data, expected)
     assert tuple(viewer.layers["embryo labels"].scale) == (2.0, 1.0, 1.0)
     assert viewer.dims.ndisplay == 3
@@ -391,7 +433,7 @@ def test_train_widget_from_folders(make_napari_viewer, qtbot, tmp_path: Path) ->
     viewer = make_napari_viewer()
     widget = _train_widget(viewer, tmp_path / "run", epochs=1)
     widget.source.value = "folders"
-    assert not widget.image.visible and widget.images_dir.visible
+    assert widget.image.native.isHidden() and not widget.images_dir.native.isHidden()
     widget.images_dir.value = tmp_path / "train" / "images"
     widget.masks_dir.value = tmp_path / "train" / "masks"
     widget.val_images_dir.value = tmp_path / "val" / "images"

@@ -53,6 +53,7 @@ class PredictWidget(Container):
         self._viewer = napari_viewer
         self._model_cache: dict[str, tuple[float, Any]] = {}
         self.worker: Any = None
+        self._running = False
         self.last_labels: np.ndarray | None = None
 
         import napari
@@ -117,7 +118,13 @@ class PredictWidget(Container):
         self._model_cache[source] = (stamp, model)
         return model
 
+    @property
+    def running(self) -> bool:
+        """Whether a worker is started and has not finished yet."""
+        return self._running
+
     def _set_running(self, running: bool) -> None:
+        self._running = running
         self.run_button.enabled = not running
         self.cancel_button.enabled = running
 
@@ -149,8 +156,7 @@ class PredictWidget(Container):
         axes_text = str(self.axes.value)
         data, rgb, name = layer.data, bool(getattr(layer, "rgb", False)), layer.name
 
-        @thread_worker
-        def segment() -> Any:
+        def steps() -> Any:
             model = self._load(source)
             yield ("model", model, 0)
             array, axes, is_stack = image_layout(data, model.ndim, model.config.in_channels, rgb, axes_text)
@@ -171,6 +177,15 @@ class PredictWidget(Container):
             if is_stack:
                 return model, np.stack(labels_out), np.stack(seeds_out)
             return model, labels_out[0], seeds_out[0]
+
+        @thread_worker
+        def segment() -> Any:
+            from embseg.errors import UserError
+
+            try:
+                return (yield from steps())
+            except UserError as err:  # a user's mistake: a message, not a traceback
+                return ("error", str(err), None)
 
         worker = segment()
         self.worker = worker
@@ -205,12 +220,15 @@ class PredictWidget(Container):
                 self.min_size.value = model.config.min_size
         elif kind == "planes":
             self.progress.max = count if count > 1 else 0
-        elif kind == "plane":
+        elif kind == "plane" and self.progress.max > 0:  # max 0: one image, a busy bar
             self.progress.value = count
-            self.status.value = f"segmented {count}/{max(self.progress.max, 1)}"
+            self.status.value = f"segmented {count}/{self.progress.max}"
 
-    def _on_returned(self, result: tuple[Any, np.ndarray, np.ndarray], layer: Any) -> None:
+    def _on_returned(self, result: tuple[Any, Any, Any], layer: Any) -> None:
         model, labels, seeds = result
+        if isinstance(model, str):
+            self._fail(labels)
+            return
         self.last_labels = labels
         self.progress.max = 1
         self.progress.value = 1

@@ -129,6 +129,7 @@ class TrainWidget(Container):
         self._relay = _Relay()
         self._stop = threading.Event()
         self.worker: Any = None
+        self._running = False
         self.rows: list[dict[str, Any]] = []
         self.model: Any = None
         self._preview_like: Any = None
@@ -194,7 +195,13 @@ class TrainWidget(Container):
         for widget in (self.images_dir, self.masks_dir, self.val_images_dir, self.val_masks_dir):
             widget.visible = not layers
 
+    @property
+    def running(self) -> bool:
+        """Whether a worker is started and has not finished yet."""
+        return self._running
+
     def _set_running(self, running: bool) -> None:
+        self._running = running
         self.start_button.enabled = not running
         self.stop_button.enabled = running
 
@@ -287,11 +294,13 @@ class TrainWidget(Container):
 
         @thread_worker
         def run() -> Any:
-            from embseg import train
+            from embseg.train import train
 
             try:
                 model = train(config, resume=resume, progress=False, callback=callback)
                 return model, predict_preview(model)
+            except UserError as err:  # a user's mistake: a message, not a traceback
+                return str(err), None
             finally:
                 shutil.rmtree(data_dir, ignore_errors=True)
 
@@ -338,6 +347,9 @@ class TrainWidget(Container):
             set_labels(self._viewer, PREVIEW_LABELS, labels, like=self._preview_like)
 
     def _on_returned(self, result: tuple[Any, np.ndarray | None]) -> None:
+        if isinstance(result[0], str):
+            self._fail(result[0])
+            return
         self.model, labels = result
         self._on_preview(labels)
         cfg = self.model.config
