@@ -28,22 +28,29 @@ def start_display() -> subprocess.Popen | None:
     if os.environ.get("DISPLAY"):
         return None
     read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen([shutil.which("Xvfb") or "Xvfb", "-displayfd", str(write_fd), "-screen", "0",
-                             "1600x1000x24", "-nolisten", "tcp"], pass_fds=(write_fd,),
+    # a watcher shell stops Xvfb once this process has exited
+    watcher = f'"$0" "$@" & x=$!; while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; kill $x'
+    proc = subprocess.Popen(["sh", "-c", watcher, shutil.which("Xvfb") or "Xvfb", "-displayfd", str(write_fd),
+                             "-screen", "0", "1920x1080x24", "-nolisten", "tcp"], pass_fds=(write_fd,),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(write_fd)
-    ready, _, _ = select.select([read_fd], [], [], 30)
-    if not ready:
-        raise SystemExit("Xvfb did not start")
-    os.environ["DISPLAY"] = ":" + os.read(read_fd, 64).decode().strip()
+    number, deadline = b"", time.monotonic() + 30
+    while not number.endswith(b"\n") and select.select([read_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        chunk = os.read(read_fd, 16)
+        if not chunk:
+            break
+        number += chunk
     os.close(read_fd)
+    if not number.strip():
+        raise SystemExit("Xvfb did not start")
+    os.environ["DISPLAY"] = ":" + number.decode().strip()
     return proc
 
 
-def wait(worker: Any, app: Any, timeout: float = 7200.0) -> None:
-    """Process Qt events until ``worker`` has finished."""
+def wait(widget: Any, app: Any, timeout: float = 7200.0) -> None:
+    """Process Qt events until the widget's worker has finished."""
     start = time.monotonic()
-    while worker.is_running and time.monotonic() - start < timeout:
+    while widget.running and time.monotonic() - start < timeout:
         app.processEvents()
         time.sleep(0.05)
     for _ in range(20):
@@ -71,7 +78,7 @@ def main() -> None:
     output = args.workdir / "dsb-demo"
 
     viewer = napari.Viewer(show=True, title="embseg: train")
-    viewer.window._qt_window.resize(1500, 950)
+    viewer.window._qt_window.resize(1900, 1000)
     viewer.open_sample("embseg", "dsb-dense")
     viewer.layers["dsb-dense mask"].visible = False
     train = TrainWidget(viewer)
@@ -84,7 +91,8 @@ def main() -> None:
     train.samples_per_epoch.value = 64
     train.batch_size.value = 4
     train.val_every.value = 1
-    wait(train.start(), app)
+    train.start()
+    wait(train, app)
     print(train.status.value)
     viewer.layers["embseg preview"].opacity = 0.6
     app.processEvents()
@@ -105,15 +113,15 @@ def main() -> None:
         predict.model_choice.value = FOLDER_CHOICE
         predict.model_folder.value = Path(args.model) if args.model else output
     predict.add_seeds.value = True
-    wait(predict.run(), app)
+    predict.run()
+    wait(predict, app)
     print(predict.status.value)
     viewer.layers["dsb-clustered seeds"].visible = False
     viewer.layers["dsb-clustered labels"].opacity = 0.6
     app.processEvents()
     viewer.screenshot(str(DOCS / "napari_predict.png"), canvas_only=False)
     viewer.close()
-    if display is not None:
-        display.terminate()
+    del display  # Xvfb ends with this process (see start_display)
 
 
 if __name__ == "__main__":
