@@ -41,7 +41,7 @@ def loss_curve(images: list[np.ndarray], masks: list[np.ndarray], crop: tuple[in
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
