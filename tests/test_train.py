@@ -139,3 +139,60 @@ def test_train_refuses_bad_config_before_reading_data(tmp_path, capsys, bad):
     assert main(["train", "--config", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "config:" in err and "nowhere" not in err
+
+
+def _tiny_config(images: Path, masks: Path, output: Path, **extra):
+    from embseg.config import TrainConfig
+
+    values = dict(images=str(images), masks=str(masks), output=str(output), crop_size=[32, 32], batch_size=4,
+                  samples_per_epoch=8, epochs=3, val_every=5, figure_every=0, seed=1, device="cpu", tune=False)
+    values.update(extra)
+    return TrainConfig(**values)
+
+
+def test_stop_before_the_first_validation_still_leaves_a_validated_model(tmp_path):
+    from embseg.train import train
+
+    images, masks = write_pairs(tmp_path / "train", n=3, seed=0)
+    rows = []
+
+    def stop_now(row):
+        rows.append(row)
+        return True
+
+    model = train(_tiny_config(images, masks, tmp_path / "run"), progress=False, callback=stop_now)
+    assert len(rows) == 1 and rows[0]["epoch"] == 1  # stopped after the first epoch
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    log = (tmp_path / "run" / "log.csv").read_text().strip().splitlines()
+    assert len(log) == 2 and log[1].split(",")[7] != ""  # one row, with its validation score
+    assert model.ndim == 2
+
+
+def test_init_from_starts_from_the_given_weights_and_refuses_other_shapes(tmp_path, capsys):
+    from embseg.errors import UserError
+    from embseg.model import load_model
+    from embseg.train import train
+
+    images, masks = write_pairs(tmp_path / "train", n=3, seed=0)
+    source = load_model("nuclei-2d")
+    fine = train(_tiny_config(images, masks, tmp_path / "fine", init_from="nuclei-2d", lr=1e-12, epochs=1),
+                 progress=False)
+    for key, value in source.net.state_dict().items():  # lr ~ 0: the weights stay the source's
+        if value.is_floating_point() and "running" not in key and "num_batches" not in key:
+            torch.testing.assert_close(fine.net.state_dict()[key].float(), value.float(), atol=1e-3, rtol=1e-3)
+    assert main(["train", "--images", str(images), "--masks", str(masks), "--output", str(tmp_path / "x"),
+                 "--init-from", str(tmp_path / "nowhere"), "--quiet", "--epochs", "1"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    qcanet = tmp_path / "q3d"
+    q = build_network_config_3d()
+    q.save(qcanet)
+    with pytest.raises(UserError, match="3D model"):
+        train(_tiny_config(images, masks, tmp_path / "bad", init_from=str(qcanet), epochs=1), progress=False)
+
+
+def build_network_config_3d():
+    from embseg.config import ModelConfig
+    from embseg.model import Model
+
+    cfg = ModelConfig(ndim=3, in_channels=1, grid_step=[1 / 1023] * 3)
+    return Model(cfg, build_network(cfg))

@@ -72,6 +72,7 @@ class TrainConfig:
     fg_thresh: float = 0.5
     min_size: int | None = None
     tune: bool = True
+    init_from: str | None = None
 
     def validate(self) -> TrainConfig:
         """Check values; raise :class:`UserError` naming the bad key."""

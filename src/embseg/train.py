@@ -46,6 +46,10 @@ class TrainingData:
     ndim: int
     in_channels: int
     properties: dict[str, Any] = field(default_factory=dict)
+    #: The whole validation split (``val_*`` may be a subset of it, ``max_val_images``): the final
+    #: threshold tuning uses all of it; ``None`` = the same as ``val_*``.
+    tune_images: list[np.ndarray] | None = None
+    tune_masks: list[np.ndarray] | None = None
 
 
 def _read_pairs(images_dir: str, masks_dir: str, config: TrainConfig) -> tuple[list, list, list, int, int]:
@@ -111,6 +115,7 @@ def load_training_data(config: TrainConfig) -> TrainingData:
         v_images = [images[i] for i in val_idx]
         v_masks = [masks[i] for i in val_idx]
         v_names = [names[i] for i in val_idx]
+    tune_images, tune_masks = v_images, v_masks
     if len(v_images) > config.max_val_images:
         keep = np.random.default_rng(config.seed + 1).choice(len(v_images), config.max_val_images, replace=False)
         keep = sorted(keep)
@@ -118,7 +123,8 @@ def load_training_data(config: TrainConfig) -> TrainingData:
         v_masks = [v_masks[i] for i in keep]
         v_names = [v_names[i] for i in keep]
     props = dataset_properties(t_masks, ndim)
-    return TrainingData(t_images, t_masks, v_images, v_masks, t_names, v_names, ndim, channels, props)
+    return TrainingData(t_images, t_masks, v_images, v_masks, t_names, v_names, ndim, channels, props,
+                        tune_images=tune_images, tune_masks=tune_masks)
 
 
 def poly_lr(base_lr: float, progress: float, power: float = 0.9) -> float:
@@ -320,11 +326,13 @@ def _truncate_log(path: Path, epoch: int) -> None:
             Path(tmp).write_text("".join(keep))
 
 
-def _append_log(path: Path, row: dict[str, Any]) -> None:
+def _append_log(path: Path, row: dict[str, Any], replace_last: bool = False) -> None:
     from embseg.io import atomic_write
 
     buf = _io.StringIO()
     old = path.read_text() if path.is_file() else ""
+    if replace_last and old.count("\n") > 1:
+        old = old[: old.rstrip("\n").rfind("\n") + 1]
     writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
     if not old:
         writer.writeheader()
@@ -397,7 +405,10 @@ def train(
         val_crops = TrainingCrops(data.val_images, data.val_masks, crop_size=crop,
                                   samples_per_epoch=min(64, config.samples_per_epoch), augment=False,
                                   center_method=config.center, spacing=spacing, seed=config.seed + 7)
-    net = build_network(model_config).to(device)
+    net = build_network(model_config)
+    if config.init_from and not resume:
+        init_weights(net, model_config, config.init_from)
+    net = net.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     step_t = torch.tensor(model_config.grid_step, dtype=torch.float32)
@@ -494,7 +505,7 @@ def train(
         if not main:  # rank 0 validates and writes; the others go on when it is done
             stop_requested = ddp.rank0_decides(False, dist)
             continue
-        if epoch % config.val_every == 0 or last:
+        def validate(row: dict[str, Any] = row, epoch: int = epoch) -> None:
             if config.val_metric == "iou":
                 score = validation_iou(net, val_crops, step_t.to(device), device)
                 row["val_iou"] = score
@@ -509,6 +520,10 @@ def train(
                 state["best"] = score
                 state["best_epoch"] = epoch
                 model.save(out)
+
+        validated = epoch % config.val_every == 0 or last
+        if validated:
+            validate()
         if config.figure_every and (epoch % config.figure_every == 0 or last):
             write_training_figure(model, data, out / "figures" / f"epoch_{epoch:04d}.png", device)
         row["elapsed_s"] = round(time.monotonic() - start, 1)
@@ -522,11 +537,34 @@ def train(
             print(f"epoch {epoch}: loss {means[0]:.4f}{val} ({row['elapsed_s']:.0f} s)", file=sys.stderr)
         if callback is not None and callback(row):
             stop_requested = True
+            if not validated and not (out / "model.safetensors").is_file():
+                validate()  # a stop before the first validation still leaves a model
+                _append_log(out / LOG_FILE, row, replace_last=True)
+                save_checkpoint(out / CHECKPOINT_DIR, net, optimizer, state, scaler)
         stop_requested = ddp.rank0_decides(stop_requested, dist)
     if not main:
         return model
     _plot_curves(out)
     return finish_training(out, data, config, progress=progress)
+
+
+def init_weights(net: torch.nn.Module, model_config: ModelConfig, source: str) -> None:
+    """Start from the weights of another model (a folder or a shipped name) of the same shape.
+
+    Raises
+    ------
+    UserError
+        When the source model differs in dimensions or input channels.
+    """
+    from embseg.model import load_model
+
+    src = load_model(source)
+    mine = (model_config.ndim, model_config.in_channels)
+    theirs = (src.config.ndim, src.config.in_channels)
+    if mine != theirs:
+        raise UserError(f"init_from {source}: a {theirs[0]}D model with {theirs[1]} input channel(s) cannot "
+                        f"start a {mine[0]}D model with {mine[1]} input channel(s)")
+    net.load_state_dict({k: v.float() for k, v in src.net.state_dict().items()})
 
 
 def finish_training(out: Path, data: TrainingData, config: TrainConfig, progress: bool = True) -> Model:
@@ -540,8 +578,11 @@ def finish_training(out: Path, data: TrainingData, config: TrainConfig, progress
     if config.tune:
         device = select_device(config.device)
         model.net.to(device)
-        raws = predict_raw_images(model, data.val_images, device)
-        best = tune_thresholds(raws, data.val_masks, model.config)
+        images = data.tune_images if data.tune_images is not None else data.val_images
+        masks = data.tune_masks if data.tune_masks is not None else data.val_masks
+        raws = predict_raw_images(model, images, device)
+        best = tune_thresholds(raws, masks, model.config)
+        best["n_images"] = len(images)
         model.config.seed_thresh = best["seed_thresh"]
         model.config.fg_thresh = best["fg_thresh"]
         model.config.training["tuning"] = best
