@@ -10,9 +10,11 @@ import torch
 
 from embseg.embedding import grid_step
 from embseg.loss import (
+    _DENSE_MAX_IDS,
     _objects,
     _own_likelihood,
     _select_pairs,
+    _select_pairs_dense,
     gt_center_iou,
     lovasz_hinge_rows,
     spatial_embedding_loss,
@@ -299,6 +301,56 @@ def test_cutoff_prunes_and_stays_equal_on_realistic_outputs():
     for loss, grad in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=0)
         torch.testing.assert_close(grad, results[0][1], rtol=1e-5, atol=1e-5 * results[0][1].abs().max())
+
+
+def many_objects_batch(ndim, n_objects, seed):
+    """Two crops with more ids than the dense selection handles (the embedding-grid path)."""
+    rng = np.random.default_rng(seed)
+    shape = (48, 64) if ndim == 2 else (8, 24, 32)
+    labels, centers = [], []
+    for first in (1, 5):
+        lab, cen = random_labels(rng, shape, n_objects, first_id=first, id_gap=2)
+        labels.append(lab)
+        centers.append(cen)
+    step = (1 / 60, 1 / 70) if ndim == 2 else (2 / 60, 1 / 60, 1 / 70)
+    return torch.tensor(np.stack(labels)), torch.tensor(np.stack(centers)), step, rng, shape
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("phi_cutoff", [0.0, 1e-12, 1e-3])
+def test_grid_selection_equals_dense_selection(ndim, phi_cutoff):
+    instances, centers, step, rng, shape = many_objects_batch(ndim, 24, seed=11)
+    assert int(instances.max()) > _DENSE_MAX_IDS
+    regimes = [(0.004, 0.9), (0.05, 0.3), (0.3, -0.2), (0.01, 1.5)]  # tight to very wide bandwidths
+    n_pruned = 0
+    for offset_scale, sigma_mean in regimes:
+        raw = make_raw(rng, 2, ndim, shape, torch.float32, offset_scale=offset_scale, sigma_mean=sigma_mean)
+        raw[0, :ndim, :3] = 4.0  # outliers: embeddings far outside the crop
+        objects = _objects(raw, instances, centers, step, None)
+        own = _own_likelihood(objects)
+        grid = _select_pairs(objects, own, phi_cutoff)
+        dense = _select_pairs_dense(objects, own, phi_cutoff)
+        assert torch.equal(grid, dense)
+        n_pruned += grid.numel() < 0.5 * objects.present.sum() * instances[0].numel()
+    assert n_pruned >= 1  # some regime really prunes
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_many_objects_match_reference_float64(ndim):
+    instances, centers, step, rng, shape = many_objects_batch(ndim, 20, seed=12)
+    raw = make_raw(rng, 2, ndim, shape, torch.float64, offset_scale=0.02, sigma_mean=0.6)
+    assert_matches_reference(raw, instances, centers, step, 10.0, rtol=1e-8, atol=1e-10)
+
+
+def test_lovasz_rows_float32_match_reference():
+    torch.manual_seed(1)
+    logits = torch.randn(6, 300, dtype=torch.float64)
+    logits[2, :50] = 1.0  # ties
+    labels = torch.rand(6, 300) < 0.4
+    labels[5] = False
+    mine = lovasz_hinge_rows(logits.float(), labels)
+    ref = torch.stack([reference_lovasz_hinge(logits[i], labels[i]) for i in range(6)])
+    torch.testing.assert_close(mine.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_gt_center_iou_matches_reference():

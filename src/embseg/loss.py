@@ -17,18 +17,22 @@ How it is computed, without a Python loop over images or objects:
 * Per-object sums (pixel counts, sigma sums, centre coordinates, variances) are scatter-adds over
   the flattened label image (one slot per id; ids absent from an image give empty slots that are
   masked out, so ids need not be contiguous).
-* One gradient-free pass computes the exponent of ``phi`` for every (image, object, pixel), a
-  ``(B, K, N)`` tensor (``K`` = largest id in the batch, ``N`` = pixels per crop), to select the
-  pairs that enter the Lovasz hinge: the object's own pixels, and the background pixels that can
-  carry weight. Everything with gradient is then computed on the selected pairs only.
+* A gradient-free selection finds the pairs that enter the Lovasz hinge: the object's own
+  pixels, and the background pixels that can carry weight (below). With few ids (at most
+  ``_DENSE_MAX_IDS``) it tests every (image, object, pixel) triple, a ``(B, K, N)`` pass
+  (``K`` = largest id in the batch, ``N`` = pixels per crop); with more, the pixels are bucketed
+  by embedding on a grid of cells and each object tests only the pixels of the cells its
+  bounding box (in embedding space) touches: the same pairs, at a cost that follows the pairs
+  near each object instead of ``K * N``. Everything with gradient is then computed on the
+  selected pairs only.
 * A background pixel's hinge error is ``2 * phi``, a foreground pixel's ``2 - 2 * phi``. A
   background pixel sorted after all foreground pixels of its object has Lovasz weight exactly 0
   (the Jaccard loss no longer changes once every foreground pixel is counted), so background
   pixels with ``phi < 1 - max_{M_k} phi`` are dropped **exactly**. Background pixels with
   ``phi < phi_cutoff`` (default ``1e-12``) are dropped as well; that changes an object's hinge by
   at most ``2 * phi_cutoff`` (tested equal to the full sum within 1e-5, values and gradients).
-* The Lovasz hinge of all selected pairs is one row-wise sort of a padded ``(objects, width)``
-  matrix. The Lovasz weights (the increments of the Jaccard loss along the sorted errors) are
+* The Lovasz hinge of all selected pairs is one flat sort by (object, decreasing error) (an
+  int64 key from the float32 bits; no padding to the widest object). The Lovasz weights (the increments of the Jaccard loss along the sorted errors) are
   computed in closed form from the running counts of foreground ``a`` and background ``b``
   pixels: ``1 / (G + b)`` for a foreground pixel, ``(G - a) / ((G + b) (G + b - 1))`` for a
   background pixel (``G`` = object size), which is the standard ``jaccard[i] - jaccard[i - 1]``
@@ -36,7 +40,7 @@ How it is computed, without a Python loop over images or objects:
 
 Host synchronisations (they matter on a GPU only): reading the largest id when ``max_label`` is
 not given (the data loader's collate can compute it on the CPU), and the size of the selection
-(a ``nonzero`` and the widest row).
+(``nonzero``, the grid shape and run lengths of the grid search, the widest row).
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ __all__ = ["DEFAULT_PHI_CUTOFF", "gt_center_iou", "lovasz_hinge_rows", "spatial_
 #: Background pixels with a likelihood below this for an object are left out of that object's
 #: Lovasz hinge (their hinge errors are at most ``2e-12``).
 DEFAULT_PHI_CUTOFF = 1e-12
+#: Up to this many ids per batch the pairs are selected by the dense ``(B, K, N)`` test (a few
+#: cheap passes); above it by the embedding-space grid, whose per-candidate gathers cost more
+#: per pair but scale with the pairs near each object instead of ``K``.
+_DENSE_MAX_IDS = 16
 
 
 class _Objects(NamedTuple):
@@ -205,27 +213,42 @@ def _lovasz_weights(
     errors = errors.detach()
     if errors.numel() == 0:
         return torch.zeros_like(errors)
+    n = row.numel()
     per_row = torch.bincount(row, minlength=n_rows)
     start = torch.cumsum(per_row, 0) - per_row
     width = int(per_row.max())
-    # Flat position of each element in a (n_rows, width) matrix; padding (-inf) sorts last.
-    slot = row * width + (torch.arange(row.numel(), device=row.device) - start[row])
-    padded = errors.new_full((n_rows * width,), -math.inf).index_copy_(0, slot, errors)
-    order = torch.sort(padded.view(n_rows, width), dim=1, descending=True).indices
-    fg_padded = torch.zeros(n_rows * width, dtype=torch.bool, device=row.device).index_copy_(0, slot, fg)
-    fg_sorted = fg_padded.view(n_rows, width).gather(1, order)
+    order = _row_descending_order(errors, row)
+    fg_sorted = fg.index_select(0, order)
     # Counts are exact integers in float32 below 2**24.
     count_dtype = errors.dtype if width < 2**24 else torch.float64
-    fg_seen = fg_sorted.cumsum(1, dtype=count_dtype)  # a
-    rank = torch.arange(1, width + 1, device=row.device, dtype=count_dtype)
-    total = row_fg.to(count_dtype).unsqueeze(1)  # G
+    row_start = start.index_select(0, row)
+    fg_cum = fg_sorted.cumsum(0, dtype=count_dtype)
+    fg_before = (fg_cum - fg_sorted.to(count_dtype)).index_select(0, start.clamp(max=n - 1))
+    fg_seen = fg_cum - fg_before.index_select(0, row)  # a
+    rank = (torch.arange(n, device=row.device) - row_start + 1).to(count_dtype)
+    total = row_fg.to(count_dtype).index_select(0, row)  # G
     union = total + (rank - fg_seen)  # G + b
     weight_fg = union.reciprocal()
     weight_bg = (total - fg_seen).div_((union * (union - 1)).clamp_(min=1))
     # A row without foreground: the Jaccard loss is 1 from its first element on.
-    weight_bg[:, 0] = torch.where(total[:, 0] == 0, 1.0, weight_bg[:, 0])
+    weight_bg = torch.where((rank == 1) & (total == 0), 1.0, weight_bg)
     weight_sorted = torch.where(fg_sorted, weight_fg, weight_bg).to(errors.dtype)
-    return torch.empty_like(weight_sorted).scatter_(1, order, weight_sorted).view(-1)[slot]
+    return torch.empty_like(weight_sorted).index_put_((order,), weight_sorted)
+
+
+def _row_descending_order(errors: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """Permutation sorting flat elements by ``row`` (non-decreasing already), then by
+    decreasing ``errors`` within a row; one flat sort, no padding to the widest row.
+
+    Hinge errors are ``>= 0``, and the bit patterns of non-negative float32 values order as the
+    values, so in float32 one int64 key ``(row, ~bits)`` does it; otherwise two stable sorts.
+    """
+    if errors.dtype == torch.float32 and bool((errors >= 0).all()):
+        bits = errors.view(torch.int32).to(torch.int64)
+        key = row * 2**31 + (2**31 - 1 - bits)
+        return torch.argsort(key, stable=True)
+    by_error = torch.argsort(errors, descending=True, stable=True)
+    return by_error.index_select(0, torch.argsort(row.index_select(0, by_error), stable=True))
 
 
 class _SelectedHinge(torch.autograd.Function):
@@ -356,15 +379,16 @@ def spatial_embedding_loss(
 
     Notes
     -----
-    Cost: one gradient-free pass over ``(B, K, N)`` (the exponent of ``phi`` for every object and
-    pixel), to select the pairs that matter: an object's own pixels and the background pixels
+    Cost: a gradient-free selection (dense over ``(B, K, N)`` for few ids, else an
+    embedding-space grid search, see :func:`_select_pairs`) of the pairs that matter: an object's own pixels and the background pixels
     with ``phi >= max(1 - max_{M_k} phi, phi_cutoff)`` (below the first bound a background pixel
     has Lovasz weight exactly 0; see the module docstring). Everything with gradient, including
     one batched row sort, runs on the selected pairs only; the backward of the hinge is written
     out and keeps one float per pair. When the bandwidths are small compared with the crop
     (big objects, early training) nearly every pair is selected and the cost is that of the
     literal definition, dominated by the sort. Host synchronisations (GPU only): the selection
-    size, the widest row, and the largest id when ``max_label`` is not given.
+    size, the grid search's sizes, the widest row, and the largest id when ``max_label`` is not
+    given.
     Half-precision ``raw`` is computed in float32.
 
     Examples
@@ -425,22 +449,132 @@ def spatial_embedding_loss(
     return loss, parts
 
 
-def _select_pairs(objects: _Objects, own_phi: torch.Tensor, phi_cutoff: float) -> torch.Tensor:
-    """Flat indices ``(A,)`` into ``(B, K, N)`` of the (object, pixel) pairs for the Lovasz hinge.
+def _query_limit(objects: _Objects, own_phi: torch.Tensor, phi_cutoff: float) -> torch.Tensor:
+    """``(B, K)`` bound on the exponent ``q`` below which a background pixel enters a hinge.
 
-    Every foreground pixel of its own object, and the background pixels with
     ``phi >= max(1 - max_{M_k} phi, phi_cutoff)`` (with a small margin for the rounding between
-    the two ways ``phi`` is computed). Background pixels below ``1 - max_{M_k} phi`` sort after all
-    of the object's foreground pixels, where the Lovasz weight is exactly 0.
+    the two ways ``phi`` is computed), in exponent space (``phi = exp(-q)``); ``+inf`` keeps every
+    background pixel.
     """
-    members = _members(objects)
     best = torch.zeros_like(objects.counts).scatter_reduce_(1, objects.labels, own_phi, "amax")[:, 1:]
     eps = torch.finfo(own_phi.dtype).eps
     keep = ((1 - best) * (1 - 1e-3) - 4 * eps).clamp(min=max(phi_cutoff, 0.0))
-    # In exponent space (phi = exp(-q)); keep = 0 gives +inf: every background pixel is kept.
-    limit = -torch.log(keep) + 1e-4
+    return -torch.log(keep) + 1e-4
+
+
+def _select_pairs(objects: _Objects, own_phi: torch.Tensor, phi_cutoff: float) -> torch.Tensor:
+    """Flat indices ``(A,)`` into ``(B, K, N)`` of the (object, pixel) pairs for the Lovasz hinge.
+
+    Every foreground pixel of its own object, and the background pixels with exponent
+    ``q < limit`` (:func:`_query_limit`). Background pixels below the bound sort after all of the
+    object's foreground pixels, where the Lovasz weight is exactly 0, or are under the cutoff.
+
+    Search: ``q < limit`` implies ``|e_d - C_d| < sqrt(limit / s_d)`` on every axis, a box in
+    embedding space. The pixels are bucketed once by their embedding on a regular grid of cells
+    (one counting sort of the batch); each object tests exactly only the pixels of the cells
+    its box touches. Equal to the dense test over all ``(object, pixel)`` pairs
+    (:func:`_select_pairs_dense`), at a cost of the pairs near each object instead of
+    ``B * K * N``.
+    """
+    emb = objects.emb.detach()
+    batch, ndim, n_pixels = emb.shape
+    n_ids = objects.present.shape[1]
+    if n_ids <= _DENSE_MAX_IDS:
+        return _select_pairs_dense(objects, own_phi, phi_cutoff)
+    device = emb.device
+    limit = _query_limit(objects, own_phi, phi_cutoff)
+    rows = objects.present.reshape(-1).nonzero().squeeze(1)  # b * K + k of the present objects
+    # Members: every foreground pixel with its own object.
+    labels = objects.labels.reshape(-1)
+    fg_pixel = (labels > 0).nonzero().squeeze(1)
+    fg_row = (fg_pixel // n_pixels) * n_ids + labels.index_select(0, fg_pixel) - 1
+    members = fg_row * n_pixels + fg_pixel % n_pixels
+    if rows.numel() == 0:
+        return members
+    centre = objects.centre[:, :, 1:].transpose(1, 2).reshape(-1, ndim).index_select(0, rows)
+    s = objects.bandwidth[:, :, 1:].detach().transpose(1, 2).reshape(-1, ndim).index_select(0, rows)
+    row_limit = limit.reshape(-1).index_select(0, rows)
+    # Half-widths of the boxes (a relative margin against rounding); inf covers everything.
+    half = torch.sqrt(row_limit.unsqueeze(1) / s) * (1 + 1e-5)
+    half = torch.where(torch.isfinite(half), half, torch.full_like(half, math.inf))
+    flat_emb = emb.transpose(1, 2).reshape(-1, ndim)  # (B * N, D)
+    box_lo = centre - half
+    box_hi = centre + half
+    # Grid over the part of embedding space any box reaches (pixels outside it are never
+    # candidates). Cells a quarter of the median box wide, at most ~2 cells per pixel.
+    e_lo = flat_emb.min(0).values
+    e_hi = flat_emb.max(0).values
+    lo = torch.maximum(box_lo.min(0).values, e_lo)
+    hi = torch.minimum(box_hi.max(0).values, e_hi)
+    span = (hi - lo).clamp(min=0)
+    cell = half.median(0).values / 2
+    cell = torch.where(torch.isfinite(cell), cell, span)
+    cell = torch.maximum(cell, span / 4096).clamp(min=1e-12)
+    n_cells = (span / cell).floor().long() + 1
+    budget = 2 * n_pixels
+    total = float(n_cells.double().prod())
+    if total > budget:
+        cell = cell * (total / budget) ** (1.0 / ndim)
+        n_cells = (span / cell).floor().long() + 1
+    n_cells_list = [int(n) for n in n_cells]  # host sync (a few ints)
+    per_image = math.prod(n_cells_list)
+    strides = [math.prod(n_cells_list[d + 1 :]) for d in range(ndim)]
+    # Cell of every pixel (sentinel past the end for pixels outside the grid).
+    pos = (flat_emb - lo) / cell
+    inside = ((flat_emb >= lo) & (flat_emb <= hi)).all(1)
+    idx = pos.floor().long()
+    idx = torch.minimum(idx.clamp(min=0), n_cells - 1)
+    pixel_cell = (idx * torch.tensor(strides, device=device)).sum(1)
+    pixel_cell += torch.arange(batch, device=device).repeat_interleave(n_pixels) * per_image
+    sentinel = batch * per_image
+    pixel_cell = torch.where(inside, pixel_cell, sentinel)
+    order = torch.argsort(pixel_cell, stable=True)
+    counts = torch.bincount(pixel_cell, minlength=sentinel + 1)
+    starts = torch.zeros(sentinel + 2, dtype=torch.long, device=device)
+    torch.cumsum(counts, 0, out=starts[1:])
+    # Cell range of every box, per axis.
+    c0 = torch.minimum(((box_lo - lo) / cell).floor().clamp(min=0).nan_to_num(0).long(), n_cells - 1)
+    c1 = torch.minimum(((box_hi - lo) / cell).floor().clamp(min=0).nan_to_num(0, posinf=0).long(), n_cells - 1)
+    c1 = torch.where(torch.isinf(box_hi), n_cells - 1, c1)
+    c0 = torch.where(torch.isinf(box_lo), 0, c0)
+    extent = c1 - c0 + 1  # (R, D)
+    # One run of consecutive cells along the last axis per combination of the leading axes.
+    lead = extent[:, :-1].prod(1) if ndim > 1 else torch.ones(rows.numel(), dtype=torch.long, device=device)
+    run_obj = torch.repeat_interleave(torch.arange(rows.numel(), device=device), lead)
+    local = torch.arange(run_obj.numel(), device=device) - (torch.cumsum(lead, 0) - lead).index_select(0, run_obj)
+    image = rows // n_ids
+    first = image.index_select(0, run_obj) * per_image + c0[:, -1].index_select(0, run_obj)
+    for d in range(ndim - 2, -1, -1):
+        ext = extent[:, d].index_select(0, run_obj)
+        first += (c0[:, d].index_select(0, run_obj) + local % ext) * strides[d]
+        local = local // ext
+    last = first + extent[:, -1].index_select(0, run_obj) - 1
+    run_start = starts.index_select(0, first)
+    run_len = starts.index_select(0, last + 1) - run_start
+    cand_obj = torch.repeat_interleave(run_obj, run_len)
+    offset = torch.arange(cand_obj.numel(), device=device) - (torch.cumsum(run_len, 0) - run_len).index_select(
+        0, torch.repeat_interleave(torch.arange(run_obj.numel(), device=device), run_len)
+    )
+    cand_pixel = order.index_select(0, run_start.repeat_interleave(run_len) + offset)  # b * N + n
+    # The exact test, the same arithmetic as _exponent: sum_d (sqrt(s) e - sqrt(s) C) ** 2.
+    root = s.sqrt()
+    t = torch.addcmul(
+        (-root * centre).index_select(0, cand_obj), root.index_select(0, cand_obj),
+        flat_emb.index_select(0, cand_pixel),
+    )
+    q = t.square_().sum(1)
+    cand_row = rows.index_select(0, cand_obj)
+    own = labels.index_select(0, cand_pixel) == cand_row % n_ids + 1
+    keep = (q < row_limit.index_select(0, cand_obj)) & ~own
+    chosen = cand_row[keep] * n_pixels + cand_pixel[keep] % n_pixels
+    return torch.sort(torch.cat([members, chosen])).values
+
+
+def _select_pairs_dense(objects: _Objects, own_phi: torch.Tensor, phi_cutoff: float) -> torch.Tensor:
+    """:func:`_select_pairs` by the dense ``(B, K, N)`` test (for tests and as a definition)."""
+    limit = _query_limit(objects, own_phi, phi_cutoff)
     active = (_exponent(objects) < limit.unsqueeze(2)) & objects.present.unsqueeze(2)
-    active |= members
+    active |= _members(objects)
     return active.view(-1).nonzero().squeeze(1)
 
 
