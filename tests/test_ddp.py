@@ -58,7 +58,7 @@ def _worker(config: TrainConfig, out: str) -> None:
     """One rank: train, then the non-zero ranks save the weights they hold at the end."""
     from safetensors.torch import save_file
 
-    from embseg.train import train
+    from embseg.training import train
 
     model = train(config, progress=False)
     ctx = ddp.context("cpu")
@@ -100,7 +100,7 @@ def test_two_gloo_processes_hold_equal_weights(tmp_path):
 
 
 def test_python_m_embseg_train_is_the_train_command(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "embseg.train", "--print-config", "--epochs", "3"],
+    result = subprocess.run([sys.executable, "-m", "embseg.training", "--print-config", "--epochs", "3"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "epochs: 3" in result.stdout

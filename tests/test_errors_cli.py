@@ -428,7 +428,7 @@ def test_train_all_masks_empty(capsys, pairs, tmp_path):
 
 def test_train_skips_a_single_empty_mask(pairs):
     from embseg.config import TrainConfig
-    from embseg.train import load_training_data
+    from embseg.training import load_training_data
 
     images, masks = pairs
     tifffile.imwrite(masks / "img1.tif", np.zeros((48, 48), np.uint16))

@@ -132,7 +132,7 @@ def test_config_paths_are_not_executed_or_expanded(tmp_path, monkeypatch):
     config_file.write_text(f'images: "$(touch {marker})"\nmasks: "$HOME/masks"\noutput: "`touch {marker}`"\n')
     config = load_config(config_file)
     assert config.images == f"$(touch {marker})" and config.masks == "$HOME/masks"
-    from embseg.train import load_training_data
+    from embseg.training import load_training_data
 
     with pytest.raises(UserError, match=re.escape(f"$(touch {marker})")):
         load_training_data(config)
@@ -149,7 +149,7 @@ def test_yaml_cannot_construct_objects(tmp_path):
 
 
 def test_tilde_is_expanded_in_data_paths(tmp_path, monkeypatch):
-    from embseg.train import load_training_data
+    from embseg.training import load_training_data
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for sub in ("images", "masks"):
@@ -187,7 +187,7 @@ def _tiny_config(tmp_path: Path, name: str, seed: int) -> TrainConfig:
 
 
 def test_seed_makes_training_bit_identical(tmp_path):
-    from embseg.train import train
+    from embseg.training import train
 
     for name, seed in (("a", 11), ("b", 11), ("c", 12)):
         train(_tiny_config(tmp_path, name, seed), progress=False)

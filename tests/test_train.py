@@ -151,7 +151,7 @@ def _tiny_config(images: Path, masks: Path, output: Path, **extra):
 
 
 def test_stop_before_the_first_validation_still_leaves_a_validated_model(tmp_path):
-    from embseg.train import train
+    from embseg.training import train
 
     images, masks = write_pairs(tmp_path / "train", n=3, seed=0)
     rows = []
@@ -171,7 +171,7 @@ def test_stop_before_the_first_validation_still_leaves_a_validated_model(tmp_pat
 def test_init_from_starts_from_the_given_weights_and_refuses_other_shapes(tmp_path, capsys):
     from embseg.errors import UserError
     from embseg.model import load_model
-    from embseg.train import train
+    from embseg.training import train
 
     images, masks = write_pairs(tmp_path / "train", n=3, seed=0)
     source = load_model("nuclei-2d")

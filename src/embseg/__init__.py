@@ -20,7 +20,7 @@ _PUBLIC = {
     "Model": "embseg.model",
     "load_model": "embseg.model",
     "TrainConfig": "embseg.config",
-    "train": "embseg.train",
+    "train": "embseg.training",
 }
 
 __all__ = ["__version__", *sorted(_PUBLIC)]

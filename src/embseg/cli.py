@@ -106,7 +106,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(dump_config(config), end="")
         return 0
     from embseg import ddp
-    from embseg.train import train
+    from embseg.training import train
 
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")

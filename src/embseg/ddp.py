@@ -3,7 +3,7 @@
 Two ways to start N training processes, both through ``embseg train``'s flags:
 
 * ``embseg train --nproc N ...`` spawns N local processes (:func:`launch`);
-* ``torchrun --nproc-per-node N -m embseg.train ...`` (also across machines: torchrun's
+* ``torchrun --nproc-per-node N -m embseg.training ...`` (also across machines: torchrun's
   ``--nnodes``, ``--rdzv-endpoint``); :func:`init_from_env` reads torchrun's environment.
 
 Backend NCCL on GPUs (process ``LOCAL_RANK`` on ``cuda:LOCAL_RANK``), gloo on CPUs. Each rank
@@ -201,7 +201,7 @@ def launch(fn: Callable, nproc: int, args: Sequence[Any] = (), threads: int | No
 
 def train_worker(config: Any, resume: bool, overwrite: bool, progress: bool) -> None:
     """One rank of ``embseg train --nproc N``."""
-    from embseg.train import train
+    from embseg.training import train
 
     ctx = context(config.device)
     train(config, resume=resume, overwrite=overwrite, progress=progress and (ctx is None or ctx.is_main))

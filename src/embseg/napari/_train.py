@@ -294,7 +294,7 @@ class TrainWidget(Container):
 
         @thread_worker
         def run() -> Any:
-            from embseg.train import train
+            from embseg.training import train
 
             try:
                 model = train(config, resume=resume, progress=False, callback=callback)

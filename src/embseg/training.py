@@ -608,7 +608,7 @@ def _plot_curves(out: Path) -> None:
         plot_curves(rows, out / "curves.png")
 
 
-if __name__ == "__main__":  # torchrun --nproc-per-node N -m embseg.train <embseg train flags>
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m embseg.training <embseg train flags>
     from embseg.cli import main as _cli_main
 
     sys.exit(_cli_main(["train", *sys.argv[1:]]))
