@@ -373,6 +373,7 @@ def train(
     from embseg.data import TrainingCrops
     from embseg.loss import spatial_embedding_loss
 
+    called = time.monotonic()
     config.validate()
     dist = ddp.context(config.device)  # None unless in a process group (see embseg.ddp)
     main = dist is None or dist.is_main
@@ -487,6 +488,11 @@ def train(
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] = int(state["step"]) + 1
+                if "first_step_s" not in model_config.training:  # from the call, data loading included
+                    model_config.training["first_step_s"] = round(time.monotonic() - called, 1)
+                    if progress:
+                        print(f"first training step done {model_config.training['first_step_s']:.1f} s "
+                              "after the start", file=sys.stderr)
             sums += torch.stack([loss.detach().double().cpu(), parts["instance"].double().cpu(),
                                  parts["variance"].double().cpu(), parts["seed"].double().cpu()])
             n_batches += 1
