@@ -244,21 +244,23 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     from embseg.io import atomic_write, pair_folders, read_image, read_labels
     from embseg.model import CONFIG_FILE, load_model
-    from embseg.tune import tune_thresholds
+    from embseg.tune import tune_model
 
     model = load_model(args.model)
-    raws, masks = [], []
+    images, axes, masks, names = [], [], [], []
     for image_path, mask_path in pair_folders(args.images, args.masks):
-        image, axes = read_image(image_path, axes=args.axes, ndim=model.ndim)
-        raws.append(model.predict_raw(image, axes=axes, device=args.device, source=str(image_path)))
+        image, image_axes = read_image(image_path, axes=args.axes, ndim=model.ndim)
+        images.append(image)
+        axes.append(image_axes)
+        names.append(str(image_path))
         masks.append(read_labels(mask_path, ndim=model.ndim))
-    best = tune_thresholds(raws, masks, model.config)
-    print(f"best: seed_thresh {best['seed_thresh']:.2f}, fg_thresh {best['fg_thresh']:.2f}, "
-          f"mean AP@0.5 {best['ap']:.3f}, AP@0.75 {best['ap75']:.3f}")
+    best = tune_model(model, images, masks, device=args.device, tta=args.tta, axes=axes, sources=names)
+    what = "with TTA " if args.tta else ""
+    print(f"best {what}on {len(images)} images: seed_thresh {best['seed_thresh']:.2f}, fg_thresh "
+          f"{best['fg_thresh']:.2f}, mean AP@0.5 {best['ap']:.3f}, AP@0.75 {best['ap75']:.3f}")
     if args.dry_run:
         return 0
-    model.config.seed_thresh = best["seed_thresh"]
-    model.config.fg_thresh = best["fg_thresh"]
+    model.config.training["tuning_tta" if args.tta else "tuning"] = best
     with atomic_write(Path(model.source) / CONFIG_FILE, overwrite=True) as tmp:
         Path(tmp).write_text(model.config.to_json())
     print(f"thresholds written to {Path(model.source) / CONFIG_FILE}")
@@ -409,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", required=True)
     p.add_argument("--axes")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tta", action="store_true",
+                   help="tune the thresholds used when predicting with --tta (stored separately)")
     p.add_argument("--dry-run", action="store_true", help="print the best thresholds, change nothing")
     p.set_defaults(func=_cmd_tune)
 

@@ -72,6 +72,7 @@ class TrainConfig:
     fg_thresh: float = 0.5
     min_size: int | None = None
     tune: bool = True
+    tune_tta: bool = False
     init_from: str | None = None
 
     def validate(self) -> TrainConfig:
@@ -212,12 +213,23 @@ class ModelConfig:
     seed_thresh: float = 0.9
     fg_thresh: float = 0.5
     min_size: int = 10
+    #: Thresholds tuned on test-time-augmented outputs (averaging lowers the seed peaks), used
+    #: when predicting with TTA; ``None`` = the same as without TTA.
+    tta_seed_thresh: float | None = None
+    tta_fg_thresh: float | None = None
     halo: int | None = None
     crop_size: list[int] | None = None
     name: str = "embseg-model"
     format_version: int = MODEL_FORMAT_VERSION
     embseg_version: str = ""
     training: dict[str, Any] = field(default_factory=dict)
+
+    def thresholds(self, tta: bool = False) -> tuple[float, float]:
+        """``(seed_thresh, fg_thresh)`` for predictions without (or with) test-time augmentation."""
+        if tta:
+            return (self.seed_thresh if self.tta_seed_thresh is None else self.tta_seed_thresh,
+                    self.fg_thresh if self.tta_fg_thresh is None else self.tta_fg_thresh)
+        return self.seed_thresh, self.fg_thresh
 
     def to_json(self) -> str:
         """JSON text of the config."""

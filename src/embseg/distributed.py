@@ -770,10 +770,11 @@ def _settings(model: Any, source: Any, tta: bool, seed_thresh: float | None, fg_
               max_samples: int | None) -> BlockSettings:
     cfg = model.config
     lo, hi = volume_stats(source, cfg.norm_low, cfg.norm_high, max_samples)
+    default_seed, default_fg = cfg.thresholds(tta)
     return BlockSettings(
         shape=tuple(source.spatial_shape), lo=tuple(float(v) for v in lo), hi=tuple(float(v) for v in hi),
-        seed_thresh=float(cfg.seed_thresh if seed_thresh is None else seed_thresh),
-        fg_thresh=float(cfg.fg_thresh if fg_thresh is None else fg_thresh),
+        seed_thresh=float(default_seed if seed_thresh is None else seed_thresh),
+        fg_thresh=float(default_fg if fg_thresh is None else fg_thresh),
         min_size=int(cfg.min_size if min_size is None else min_size),
         tta=bool(tta), device=str(device), tile_shape=tile_shape,
     )

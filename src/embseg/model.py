@@ -224,7 +224,7 @@ class Model:
         check_thresholds(seed_thresh, fg_thresh, min_size)  # before the expensive part
         raw = self.predict_raw(image, axes=axes, tta=tta, tile_shape=tile_shape, device=device,
                                source=source)
-        labels = self.cluster(raw, seed_thresh=seed_thresh, fg_thresh=fg_thresh, min_size=min_size)
+        labels = self.cluster(raw, seed_thresh=seed_thresh, fg_thresh=fg_thresh, min_size=min_size, tta=tta)
         if return_seeds:
             return labels, seed_map(raw)
         return labels
@@ -235,17 +235,23 @@ class Model:
         seed_thresh: float | None = None,
         fg_thresh: float | None = None,
         min_size: int | None = None,
+        tta: bool = False,
     ) -> np.ndarray:
-        """Cluster raw outputs with the model's (or the given) thresholds."""
+        """Cluster raw outputs with the model's (or the given) thresholds.
+
+        ``tta`` says the outputs are test-time augmented: the model's TTA thresholds apply
+        (:meth:`embseg.config.ModelConfig.thresholds`).
+        """
         from embseg.cluster import cluster
 
         cfg = self.config
         check_thresholds(seed_thresh, fg_thresh, min_size)
+        default_seed, default_fg = cfg.thresholds(tta)
         labels = cluster(
             raw,
             cfg.grid_step,
-            seed_thresh=cfg.seed_thresh if seed_thresh is None else seed_thresh,
-            fg_thresh=cfg.fg_thresh if fg_thresh is None else fg_thresh,
+            seed_thresh=default_seed if seed_thresh is None else seed_thresh,
+            fg_thresh=default_fg if fg_thresh is None else fg_thresh,
             min_size=cfg.min_size if min_size is None else min_size,
         )
         return relabel_sequential(labels)

@@ -576,25 +576,22 @@ def init_weights(net: torch.nn.Module, model_config: ModelConfig, source: str) -
 def finish_training(out: Path, data: TrainingData, config: TrainConfig, progress: bool = True) -> Model:
     """Load the best model of ``out``, tune its thresholds on the validation set, save and return it."""
     from embseg.model import load_model
-    from embseg.tune import tune_thresholds
+    from embseg.tune import tune_model
 
     if not (out / "model.safetensors").is_file():
         raise UserError(f"{out}: training stopped before any model was saved")
     model = load_model(out)
     if config.tune:
-        device = select_device(config.device)
-        model.net.to(device)
+        device = str(select_device(config.device))
         images = data.tune_images if data.tune_images is not None else data.val_images
         masks = data.tune_masks if data.tune_masks is not None else data.val_masks
-        raws = predict_raw_images(model, images, device)
-        best = tune_thresholds(raws, masks, model.config)
-        best["n_images"] = len(images)
-        model.config.seed_thresh = best["seed_thresh"]
-        model.config.fg_thresh = best["fg_thresh"]
-        model.config.training["tuning"] = best
-        if progress:
-            print(f"tuned thresholds: seed_thresh {best['seed_thresh']:.2f}, fg_thresh {best['fg_thresh']:.2f} "
-                  f"(val AP@0.5 {best['ap']:.3f})", file=sys.stderr)
+        for tta in (False, True) if config.tune_tta else (False,):
+            best = tune_model(model, images, masks, device=device, tta=tta, normalized=True)
+            model.config.training["tuning_tta" if tta else "tuning"] = best
+            if progress:
+                print(f"tuned thresholds{' for TTA' if tta else ''}: seed_thresh {best['seed_thresh']:.2f}, "
+                      f"fg_thresh {best['fg_thresh']:.2f} (val AP@0.5 {best['ap']:.3f} on {len(images)} images)",
+                      file=sys.stderr)
         model.net.cpu()
         model.save(out)
     return model

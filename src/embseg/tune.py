@@ -61,3 +61,46 @@ def tune_thresholds(
                 best = {"seed_thresh": seed, "fg_thresh": fg, "ap": ap, "ap75": ap75}
     assert best is not None
     return {**best, "table": table}
+
+
+def tune_model(model: Any, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], device: str = "auto",
+               tta: bool = False, normalized: bool = False, axes: Sequence[str | None] | None = None,
+               sources: Sequence[str] | None = None) -> dict[str, Any]:
+    """Tune ``model``'s thresholds on images and masks and store them in its config.
+
+    Parameters
+    ----------
+    model
+        An :class:`embseg.model.Model`; its ``config`` is updated in place (``seed_thresh`` /
+        ``fg_thresh``, or ``tta_seed_thresh`` / ``tta_fg_thresh`` when ``tta``).
+    images, masks
+        The validation set.
+    device
+        Where the network runs.
+    tta
+        Tune for predictions with test-time augmentation.
+    normalized
+        The images are already normalised (channel-first), as in training.
+    axes, sources
+        Per-image axes and names (for error messages), when not ``normalized``.
+
+    Returns
+    -------
+    dict
+        :func:`tune_thresholds`'s result plus ``tta`` and ``n_images``.
+    """
+    raws = []
+    for i, image in enumerate(images):
+        raws.append(model.predict_raw(image, axes=None if axes is None else axes[i], tta=tta, device=device,
+                                      normalized=normalized, source="image" if sources is None else sources[i]))
+    best = tune_thresholds(raws, masks, model.config)
+    best["tta"] = bool(tta)
+    best["n_images"] = len(raws)
+    if tta:
+        model.config.tta_seed_thresh = best["seed_thresh"]
+        model.config.tta_fg_thresh = best["fg_thresh"]
+    else:
+        model.config.seed_thresh = best["seed_thresh"]
+        model.config.fg_thresh = best["fg_thresh"]
+    return best
+
