@@ -92,3 +92,21 @@ def test_cli_tune_tta_writes_tta_thresholds_only(tmp_path, capsys):
     assert tuned["tta"] is True and tuned["n_images"] == 2 and 0 < tuned["ap"] <= 1
     model = load_model(model_dir)
     assert model.config.thresholds(tta=True) == (tuned["seed_thresh"], tuned["fg_thresh"])
+
+
+def test_cli_tune_on_the_validation_split_of_a_training_config(tmp_path, capsys):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for name in ("dsb-dense", "dsb-large", "dsb-clustered"):
+        s = sample(name)
+        tifffile.imwrite(images / f"{name}.tif", s.image)
+        tifffile.imwrite(masks / f"{name}.tif", s.mask.astype(np.uint16))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"images: {images}\nmasks: {masks}\noutput: {tmp_path / 'run'}\nval_fraction: 0.34\n")
+    model_dir = tmp_path / "model"
+    shutil.copytree(load_model("nuclei-2d").source, model_dir)
+    assert main(["tune", "-m", str(model_dir), "--config", str(config), "--device", "cpu", "--dry-run"]) == 0
+    assert "on 1 images" in capsys.readouterr().out  # one of three images is the validation split
+    assert main(["tune", "-m", str(model_dir), "--device", "cpu"]) == 2
+    assert "--images and --masks, or --config" in capsys.readouterr().err

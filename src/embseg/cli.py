@@ -247,14 +247,25 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from embseg.tune import tune_model
 
     model = load_model(args.model)
-    images, axes, masks, names = [], [], [], []
-    for image_path, mask_path in pair_folders(args.images, args.masks):
-        image, image_axes = read_image(image_path, axes=args.axes, ndim=model.ndim)
-        images.append(image)
-        axes.append(image_axes)
-        names.append(str(image_path))
-        masks.append(read_labels(mask_path, ndim=model.ndim))
-    best = tune_model(model, images, masks, device=args.device, tta=args.tta, axes=axes, sources=names)
+    if bool(args.config) == bool(args.images or args.masks) or bool(args.images) != bool(args.masks):
+        raise UserError("tune: give --images and --masks, or --config (its validation split)")
+    if args.config:
+        from embseg.config import load_config
+        from embseg.training import load_training_data
+
+        data = load_training_data(load_config(args.config).validate())
+        images = data.tune_images if data.tune_images is not None else data.val_images
+        masks = data.tune_masks if data.tune_masks is not None else data.val_masks
+        best = tune_model(model, images, masks, device=args.device, tta=args.tta, normalized=True)
+    else:
+        images, axes, masks, names = [], [], [], []
+        for image_path, mask_path in pair_folders(args.images, args.masks):
+            image, image_axes = read_image(image_path, axes=args.axes, ndim=model.ndim)
+            images.append(image)
+            axes.append(image_axes)
+            names.append(str(image_path))
+            masks.append(read_labels(mask_path, ndim=model.ndim))
+        best = tune_model(model, images, masks, device=args.device, tta=args.tta, axes=axes, sources=names)
     what = "with TTA " if args.tta else ""
     print(f"best {what}on {len(images)} images: seed_thresh {best['seed_thresh']:.2f}, fg_thresh "
           f"{best['fg_thresh']:.2f}, mean AP@0.5 {best['ap']:.3f}, AP@0.75 {best['ap75']:.3f}")
@@ -407,8 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="choose clustering thresholds on a validation set")
     p.add_argument("-m", "--model", required=True, help="model folder (its config.json is updated)")
-    p.add_argument("--images", required=True)
-    p.add_argument("--masks", required=True)
+    p.add_argument("--images", help="validation images folder (with --masks)")
+    p.add_argument("--masks", help="validation masks folder")
+    p.add_argument("--config", help="instead of --images/--masks: the validation split of this training config")
     p.add_argument("--axes")
     p.add_argument("--device", default="auto")
     p.add_argument("--tta", action="store_true",
