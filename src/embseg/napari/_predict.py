@@ -9,17 +9,14 @@ import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     FloatSpinBox,
-    Label,
     LineEdit,
-    ProgressBar,
-    PushButton,
     SpinBox,
     create_widget,
 )
 
+from embseg.napari._base import WorkerWidget
 from embseg.napari._common import (
     FOLDER_CHOICE,
     image_layout,
@@ -35,7 +32,7 @@ if TYPE_CHECKING:
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 
 
-class PredictWidget(Container):
+class PredictWidget(WorkerWidget):
     """Segment the selected image layer; adds a Labels layer (and optionally the seed map).
 
     Prediction runs in a napari ``thread_worker``: the viewer stays responsive, the progress bar
@@ -49,11 +46,8 @@ class PredictWidget(Container):
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
-        self._viewer = napari_viewer
+        super().__init__(napari_viewer, start_text="Segment", stop_text="Cancel", progress_label="progress")
         self._model_cache: dict[str, tuple[float, Any]] = {}
-        self.worker: Any = None
-        self._running = False
         self.last_labels: np.ndarray | None = None
 
         import napari
@@ -74,18 +68,14 @@ class PredictWidget(Container):
         self.device = ComboBox(label="device", choices=DEVICES, value="auto")
         self.add_seeds = CheckBox(text="add the seed map", value=False)
         self.show_3d = CheckBox(text="show 3D results as a volume", value=True)
-        self.run_button = PushButton(text="Segment")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.progress = ProgressBar(label="progress", value=0, min=0, max=1)
-        self.status = Label(label="status", value="")
         self.extend([self.image, self.model_choice, self.model_folder, self.axes, self.tta,
                      self.model_thresholds, self.seed_thresh, self.fg_thresh, self.min_size,
-                     self.tile_shape, self.device, self.add_seeds, self.show_3d, self.run_button,
-                     self.cancel_button, self.progress, self.status])
+                     self.tile_shape, self.device, self.add_seeds, self.show_3d, self.start_button,
+                     self.stop_button, self.progress, self.status])
         self.model_choice.changed.connect(self._sync_enabled)
         self.model_thresholds.changed.connect(self._sync_enabled)
-        self.run_button.changed.connect(self.run)
-        self.cancel_button.changed.connect(self.cancel)
+        self.start_button.changed.connect(self.run)
+        self.stop_button.changed.connect(self.cancel)
         self._sync_enabled()
 
     # ------------------------------------------------------------------------------ state
@@ -117,16 +107,6 @@ class PredictWidget(Container):
         model = load_model(source)
         self._model_cache[source] = (stamp, model)
         return model
-
-    @property
-    def running(self) -> bool:
-        """Whether a worker is started and has not finished yet."""
-        return self._running
-
-    def _set_running(self, running: bool) -> None:
-        self._running = running
-        self.run_button.enabled = not running
-        self.cancel_button.enabled = running
 
     # ------------------------------------------------------------------------------ actions
 
@@ -188,19 +168,12 @@ class PredictWidget(Container):
                 return ("error", str(err), None)
 
         worker = segment()
-        self.worker = worker
         self.progress.max = 0  # busy until the number of planes is known
         self.progress.value = 0
         self.status.value = f"segmenting {name} ..."
-        worker.yielded.connect(self._on_yielded)
-        worker.returned.connect(lambda result: self._on_returned(result, layer))
-        # napari itself shows a worker's exception as a notification
-        worker.errored.connect(lambda err: setattr(self.status, "value", f"error: {err}"))
-        worker.aborted.connect(self._on_aborted)
-        worker.finished.connect(lambda: self._set_running(False))
-        self._set_running(True)
-        worker.start()
-        return worker
+        worker.yielded.connect(self._while_alive(self._on_yielded))
+        worker.aborted.connect(self._while_alive(self._on_aborted))
+        return self._launch(worker, lambda result: self._on_returned(result, layer))
 
     def cancel(self, *_: Any) -> None:
         """Stop the running prediction at the next plane."""
@@ -245,9 +218,3 @@ class PredictWidget(Container):
     def _on_aborted(self) -> None:
         self.progress.value = 0
         self.status.value = "cancelled"
-
-    def _fail(self, message: str) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.value = f"error: {message}"
-        show_error(f"embseg: {message}")

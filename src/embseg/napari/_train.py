@@ -12,19 +12,16 @@ import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     FloatSpinBox,
-    Label,
     LineEdit,
-    ProgressBar,
-    PushButton,
     RadioButtons,
     SpinBox,
     create_widget,
 )
 
 from embseg.errors import UserError
+from embseg.napari._base import WorkerWidget
 from embseg.napari._common import set_image, set_labels
 
 if TYPE_CHECKING:
@@ -100,13 +97,14 @@ def _crop_size(text: str) -> list[int] | None:
         raise UserError(f"crop size {text!r}: give integers (multiples of 8), e.g. 96 or 32,96,96") from None
 
 
-class TrainWidget(Container):
+class TrainWidget(WorkerWidget):
     """Train an embseg model from layers or folders; shows the loss and a validation preview.
 
     Training runs in a napari ``thread_worker``. After every epoch the loss curve and the
     progress bar update; after every validation the current best model segments the validation
     image into the ``embseg preview`` Labels layer. Stop ends training after the current epoch,
-    keeping the checkpoint and the best model; tick *resume* to continue a stopped run.
+    keeping the checkpoint and the best model (a stop before the first validation validates
+    that epoch, so a stopped run always leaves a model); tick *resume* to continue a stopped run.
 
     Parameters
     ----------
@@ -115,7 +113,7 @@ class TrainWidget(Container):
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__(napari_viewer, start_text="Train", stop_text="Stop", progress_label="epochs")
         import napari
         from qtpy.QtCore import QObject, Signal
 
@@ -125,11 +123,8 @@ class TrainWidget(Container):
             row = Signal(object)
             preview = Signal(object)
 
-        self._viewer = napari_viewer
         self._relay = _Relay()
         self._stop = threading.Event()
-        self.worker: Any = None
-        self._running = False
         self.rows: list[dict[str, Any]] = []
         self.model: Any = None
         self._preview_like: Any = None
@@ -152,10 +147,6 @@ class TrainWidget(Container):
         self.output = FileEdit(mode="d", label="output folder")
         self.resume = CheckBox(text="resume the run in the output folder", value=False)
         self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
-        self.start_button = PushButton(text="Train")
-        self.stop_button = PushButton(text="Stop", enabled=False)
-        self.progress = ProgressBar(label="epochs", value=0, min=0, max=1)
-        self.status = Label(label="status", value="")
         self.extend([self.source, self.image, self.labels, self.images_dir, self.masks_dir,
                      self.val_images_dir, self.val_masks_dir, self.ndim, self.anisotropy, self.epochs,
                      self.crop_size, self.batch_size, self.samples_per_epoch, self.val_every, self.output,
@@ -165,8 +156,8 @@ class TrainWidget(Container):
         self.source.changed.connect(self._sync_visible)
         self.start_button.changed.connect(self.start)
         self.stop_button.changed.connect(self.stop)
-        self._relay.row.connect(self._on_row)
-        self._relay.preview.connect(self._on_preview)
+        self._relay.row.connect(self._while_alive(self._on_row))
+        self._relay.preview.connect(self._while_alive(self._on_preview))
         self._sync_visible()
 
     # ------------------------------------------------------------------------------ layout
@@ -194,16 +185,6 @@ class TrainWidget(Container):
             widget.visible = layers
         for widget in (self.images_dir, self.masks_dir, self.val_images_dir, self.val_masks_dir):
             widget.visible = not layers
-
-    @property
-    def running(self) -> bool:
-        """Whether a worker is started and has not finished yet."""
-        return self._running
-
-    def _set_running(self, running: bool) -> None:
-        self._running = running
-        self.start_button.enabled = not running
-        self.stop_button.enabled = running
 
     # ------------------------------------------------------------------------------ config
 
@@ -276,21 +257,39 @@ class TrainWidget(Container):
         self._preview_like = like
         if preview is not None and like is None:
             set_image(self._viewer, PREVIEW_IMAGE, preview[0] if preview[1][0] != "C" else preview[0][0])
-        relay, stop = self._relay, self._stop
+        relay, stop, life = self._relay, self._stop, self._life
         out = Path(config.output)
+        # the last row the callback saw, and whether it had a validation score then
+        last: dict[str, Any] = {"row": None, "scored": False}
 
         def predict_preview(model: Any) -> np.ndarray | None:
-            if preview is None:
+            if preview is None or life.quitting():
                 return None
             return model.predict(preview[0], axes=preview[1], device=config.device)
 
+        def emit(signal: Any, value: Any) -> None:
+            if life.alive:
+                try:
+                    signal.emit(value)
+                except RuntimeError:  # the widget was deleted since the check
+                    pass
+
         def callback(row: dict[str, Any]) -> bool:
-            relay.row.emit(dict(row))
+            last.update(row=row, scored="val_ap" in row)
+            emit(relay.row, dict(row))
             if "val_ap" in row and (out / "model.safetensors").is_file() and preview is not None:
                 from embseg import load_model
 
-                relay.preview.emit(predict_preview(load_model(out)))
-            return stop.is_set()
+                emit(relay.preview, predict_preview(load_model(out)))
+            # quitting: the widget was deleted or napari quits (it waits for its workers)
+            return stop.is_set() or life.quitting()
+
+        def resend_validated_row() -> None:
+            # a stop before the first validation validates that epoch after the callback has
+            # seen its row (train adds the score to the same row): show the score too
+            row = last["row"]
+            if row is not None and not last["scored"] and "val_ap" in row:
+                emit(relay.row, dict(row))
 
         @thread_worker
         def run() -> Any:
@@ -298,27 +297,21 @@ class TrainWidget(Container):
 
             try:
                 model = train(config, resume=resume, progress=False, callback=callback)
+                resend_validated_row()
                 return model, predict_preview(model)
             except UserError as err:  # a user's mistake: a message, not a traceback
                 return str(err), None
             finally:
                 shutil.rmtree(data_dir, ignore_errors=True)
 
-        worker = run()
-        self.worker = worker
         self.progress.max = config.epochs
         self.progress.value = self.rows[-1]["epoch"] if self.rows else 0
         self.status.value = "reading the data ..."
-        worker.returned.connect(self._on_returned)
-        # napari itself shows a worker's exception as a notification
-        worker.errored.connect(lambda err: setattr(self.status, "value", f"error: {err}"))
-        worker.finished.connect(lambda: self._set_running(False))
-        self._set_running(True)
-        worker.start()
-        return worker
+        return self._launch(run(), self._on_returned)
 
     def stop(self, *_: Any) -> None:
-        """Stop after the current epoch (checkpoint and best model are kept)."""
+        """Stop after the current epoch; the checkpoint and the best model are kept (a stop before
+        the first validation validates that epoch, so there is always a model)."""
         self._stop.set()
         self.status.value = "stopping after this epoch ..."
 
@@ -355,9 +348,3 @@ class TrainWidget(Container):
         cfg = self.model.config
         self.status.value = (f"done: model saved to {self.model.source} (seed threshold {cfg.seed_thresh:.2f}, "
                              f"foreground threshold {cfg.fg_thresh:.2f})")
-
-    def _fail(self, message: str) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.value = f"error: {message}"
-        show_error(f"embseg: {message}")
