@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,3 @@ def dataset(name: str) -> Path:
         pytest.skip(f"dataset {name} not available")
     return path
 
-
-# The napari widget tests are not yet stable headless on this machine (issue #8 is open): they
-# time out or see half-built widgets under load. Run them on demand with EMBSEG_NAPARI_TESTS=1.
-collect_ignore = [] if os.environ.get("EMBSEG_NAPARI_TESTS") == "1" else ["test_napari.py"]

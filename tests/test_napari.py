@@ -32,7 +32,11 @@ from embseg.model import Model  # noqa: E402
 from embseg.samples import list_samples, sample  # noqa: E402
 
 MANIFEST = Path(__file__).resolve().parents[1] / "src" / "embseg" / "napari" / "napari.yaml"
-WAIT_MS = 60_000
+# How long to wait for a worker: generous, because these tests share the CPU with whatever else
+# runs (a training job at a higher priority stretches a 2-epoch run from seconds to minutes);
+# the waits end as soon as the worker's finished signal has been handled.
+WAIT_S = float(os.environ.get("EMBSEG_NAPARI_WAIT_S", "900"))
+WAIT_MS = int(WAIT_S * 1000)
 
 
 def _start_xvfb() -> subprocess.Popen | None:
@@ -50,7 +54,7 @@ def _start_xvfb() -> subprocess.Popen | None:
                              "1280x1024x24", "-nolisten", "tcp"], pass_fds=(write_fd,),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(write_fd)
-    number, deadline = b"", time.monotonic() + 20
+    number, deadline = b"", time.monotonic() + 120
     while not number.endswith(b"\n") and select.select([read_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
         chunk = os.read(read_fd, 16)
         if not chunk:
@@ -60,7 +64,7 @@ def _start_xvfb() -> subprocess.Popen | None:
     number = number.decode().strip()
     if not number:
         proc.kill()
-        pytest.skip("Xvfb did not start within 20 s")
+        pytest.skip("Xvfb did not start within 120 s")
     os.environ["DISPLAY"] = f":{number}"
     return proc
 
@@ -87,9 +91,23 @@ def _xcb_works() -> bool:
     env = {**os.environ, "QT_QPA_PLATFORM": "xcb"}
     try:
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                              timeout=120).returncode == 0
+                              timeout=WAIT_S).returncode == 0
     except subprocess.TimeoutExpired:
         return False
+
+
+@pytest.fixture
+def make_napari_viewer(make_napari_viewer):
+    """napari's fixture, plus: no worker outlives the test.
+
+    A worker still running when the viewer closes (a failed test) would go on in the next test
+    and compete for the CPU. Before napari's fixture closes the viewers, every worker is asked to
+    quit (the Train widget stops after its current epoch) and waited for.
+    """
+    from superqt.utils import WorkerBase  # napari's thread_worker makes these
+
+    yield make_napari_viewer
+    WorkerBase.await_workers(msecs=WAIT_MS)  # quit() to each, then wait; raises on timeout
 
 
 @pytest.fixture(scope="session")
@@ -142,8 +160,9 @@ def _thresholds(model, image: np.ndarray, axes: str) -> tuple[float, float]:
 
 
 def _wait_done(qtbot, widget) -> None:
+    # `running` turns False in the handler of the worker's `finished` signal, which the worker
+    # emits after `returned` (or `aborted`): their handlers have run by then
     qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
-    qtbot.wait(50)  # let the queued returned/finished signals run
 
 
 # ---------------------------------------------------------------------------------- manifest
@@ -273,7 +292,7 @@ def test_predict_widget_stack_and_cancel(make_napari_viewer, qtbot, model_2d: Pa
 
     def slow_predict(self, image, **kwargs):
         seen.append(image.shape[0])
-        release.wait(10)
+        release.wait(WAIT_S)  # until the test has cancelled
         return np.ones(image.shape, np.uint32), np.zeros(image.shape, np.float32)
 
     monkeypatch.setattr(Model, "predict", slow_predict)
@@ -282,14 +301,14 @@ def test_predict_widget_stack_and_cancel(make_napari_viewer, qtbot, model_2d: Pa
     widget = _predict_widget(viewer, model_2d)
     widget.run()
     qtbot.waitUntil(lambda: len(seen) == 1, timeout=WAIT_MS)
-    assert widget.cancel_button.enabled and not widget.run_button.enabled
+    assert widget.stop_button.enabled and not widget.start_button.enabled
     widget.cancel()
     release.set()
     _wait_done(qtbot, widget)
     assert len(seen) == 1
     assert "movie labels" not in viewer.layers
     assert widget.status.value == "cancelled"
-    assert widget.run_button.enabled and not widget.cancel_button.enabled
+    assert widget.start_button.enabled and not widget.stop_button.enabled
 
     widget.run()  # without cancelling: every plane, ids unique over the stack
     _wait_done(qtbot, widget)
@@ -418,6 +437,49 @@ def test_train_widget_stop_and_resume(make_napari_viewer, qtbot, tmp_path: Path)
     _wait_done(qtbot, widget)
     assert widget.rows[-1]["epoch"] == stopped_at + 1, widget.status.value
     assert json.loads((out / "checkpoints" / "last.json").read_text())["epoch"] == stopped_at + 1
+
+
+def test_train_widget_stop_in_the_first_epoch_leaves_a_model(make_napari_viewer, qtbot, tmp_path: Path) -> None:
+    """Stop before the first validation: train validates that epoch, saves and reports a model."""
+    import csv
+
+    image, labels = _blobs((48, 48), 5, seed=3)
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="img")
+    viewer.add_labels(labels, name="lab")
+    out = tmp_path / "run"
+    widget = _train_widget(viewer, out, epochs=500)
+    widget.val_every.value = 1000
+    widget.start()
+    widget.stop()  # before the end of epoch 1: its callback already sees the stop
+    _wait_done(qtbot, widget)
+    assert widget.model is not None, widget.status.value
+    assert (out / "model.safetensors").is_file()
+    assert widget.status.value.startswith(f"done: model saved to {out}")
+    assert [row["epoch"] for row in widget.rows] == [1]
+    assert widget.rows[-1]["val_ap"] is not None  # the score of the stop's validation is shown
+    with (out / "log.csv").open() as fh:
+        assert [row["val_ap"] != "" for row in csv.DictReader(fh)] == [True]
+    assert viewer.layers["embseg preview"].data.shape == image.shape
+
+
+def test_train_widget_closed_viewer_ends_the_training(make_napari_viewer, qtbot, tmp_path: Path) -> None:
+    """Closing the viewer mid-run quits the worker after its epoch, without touching the widget."""
+    from superqt.utils import WorkerBase
+
+    image, labels = _blobs((48, 48), 5, seed=4)
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="img")
+    viewer.add_labels(labels, name="lab")
+    out = tmp_path / "run"
+    widget = _train_widget(viewer, out, epochs=500)
+    worker = widget.start()
+    qtbot.waitUntil(lambda: len(widget.rows) >= 1, timeout=WAIT_MS)
+    viewer.close()
+    qtbot.waitUntil(lambda: not widget._life.alive, timeout=WAIT_MS)  # the dock widget is deleted
+    assert worker.abort_requested
+    WorkerBase.await_workers(msecs=WAIT_MS)
+    assert (out / "model.safetensors").is_file()
 
 
 def test_train_widget_from_folders(make_napari_viewer, qtbot, tmp_path: Path) -> None:
