@@ -472,8 +472,6 @@ def write_labels(path: PathLike, labels: np.ndarray, overwrite: bool = False) ->
     ``uint32``; ids beyond 2**32 - 1 are written as ``uint64``. The axes are recorded as
     ``YX`` / ``ZYX`` in tifffile's metadata, so that :func:`read_image` needs no ``ndim``.
     """
-    import tifffile
-
     labels = np.asarray(labels)
     if labels.ndim not in (2, 3):
         raise ValueError(f"labels must be 2D or 3D, got shape {labels.shape}")
@@ -485,13 +483,8 @@ def write_labels(path: PathLike, labels: np.ndarray, overwrite: bool = False) ->
         dtype = np.uint32
     else:
         dtype = np.uint64
-    data = labels.astype(dtype, copy=False)
     axes = _tiff_axes_metadata(labels.ndim, channels=False)
-    with atomic_write(path, overwrite=overwrite) as tmp:
-        tifffile.imwrite(
-            tmp, data, compression="zlib", photometric="minisblack", metadata={"axes": axes}
-        )
-    return Path(path)
+    return _write_tiff(path, labels.astype(dtype, copy=False), axes, overwrite)
 
 
 def write_image(
@@ -517,8 +510,6 @@ def write_image(
     pathlib.Path
         The written file.
     """
-    import tifffile
-
     array = np.asarray(array)
     if axes is None:
         if array.ndim not in (2, 3, 4):
@@ -531,6 +522,13 @@ def write_image(
         array = array.astype(np.uint8)
     elif array.dtype == np.float64:
         array = array.astype(np.float32)
+    return _write_tiff(path, array, axes, overwrite)
+
+
+def _write_tiff(path: PathLike, array: np.ndarray, axes: str, overwrite: bool) -> Path:
+    """The one TIFF write path: zlib, grey values, ``axes`` in tifffile's metadata, atomic."""
+    import tifffile
+
     with atomic_write(path, overwrite=overwrite) as tmp:
         tifffile.imwrite(
             tmp, array, compression="zlib", photometric="minisblack", metadata={"axes": axes}
