@@ -12,7 +12,7 @@ import torch
 from scipy import ndimage
 
 from conftest import dataset
-from embseg.cluster import cluster, seed_map
+from embseg.cluster import _at_least, _strictly_above, candidate_geometry, cluster, seed_map
 from embseg.embedding import bandwidth, embeddings, grid_step, likelihood, split_raw
 
 torch.set_num_threads(1)
@@ -287,6 +287,50 @@ def test_empty_and_background():
     raw[6] = -5.0
     labels = cluster(raw, grid_step(3))
     assert labels.dtype == np.uint32 and labels.shape == (4, 5, 6) and labels.max() == 0
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.6, 0.9, 0.7000000000000001, 0.1])
+def test_float32_thresholds_compare_as_float64(threshold):
+    t32 = np.float32(threshold)
+    around = np.array([np.nextafter(t32, np.float32(0)), t32, np.nextafter(t32, np.float32(1))], np.float32)
+    wide = around.astype(np.float64)
+    np.testing.assert_array_equal(_strictly_above(around, threshold), wide > threshold)
+    np.testing.assert_array_equal(_at_least(around, threshold), wide >= threshold)
+
+
+def test_thresholds_between_float32_values_and_candidate_geometry():
+    # Seediness exactly float32(0.6) (> 0.6 in float64): a candidate for fg_thresh=0.6, and it
+    # starts an object for seed_thresh=0.6 (0.6000000238 >= 0.6).
+    rng = np.random.default_rng(3)
+    raw = torch.tensor(rng.normal(scale=0.01, size=(5, 6, 7)), dtype=torch.float32)
+    raw[2:4] = -1.0  # small bandwidth
+    p = np.float32(0.6)
+    raw[4] = float(np.log(p / (1 - p)))
+    raw[4, 0, 0] = -5.0
+    seed = seed_map(raw)
+    step = grid_step(2)
+    index, emb, s, seed_c = candidate_geometry(raw, step, fg_thresh=float(seed[1, 1]) - 1e-9)
+    wide = seed.astype(np.float64).ravel()
+    np.testing.assert_array_equal(index, np.flatnonzero(wide > float(seed[1, 1]) - 1e-9))
+    offsets, sigmas, _ = split_raw(raw.double(), 2)
+    expected_emb = embeddings(offsets, step).reshape(2, -1)[:, index].T.numpy()
+    np.testing.assert_allclose(emb, expected_emb, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(s, bandwidth(sigmas).reshape(2, -1)[:, index].T.numpy())
+    np.testing.assert_array_equal(seed_c, wide[index])
+    threshold = float(seed[1, 1])  # exactly representable: same either way
+    labels = cluster(raw, step, seed_thresh=threshold, fg_thresh=threshold - 1e-9, min_size=1)
+    ref, _ = literal_cluster(raw, step, seed_thresh=threshold, fg_thresh=threshold - 1e-9, min_size=1)
+    np.testing.assert_array_equal(labels, ref)
+    assert labels.max() >= 1
+
+
+def test_no_seed_reaches_the_threshold_returns_early():
+    raw = torch.zeros(7, 4, 5, 6)
+    raw[6] = 1.0  # seediness 0.73: candidates, but no seed at 0.9
+    labels, seeds = cluster(raw, grid_step(3), return_seeds=True)
+    assert labels.shape == (4, 5, 6) and labels.max() == 0 and seeds.shape == (0,)
+    labels = cluster(raw, grid_step(3), seed_thresh=0.7, min_size=1)
+    assert labels.max() == 1
 
 
 def test_bad_inputs():

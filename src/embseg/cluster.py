@@ -14,8 +14,11 @@ Speed without changing the result: a pixel can only be in the proposal of a seed
 embedding lies in the ``phi = 0.5`` ellipse, whose semi-axes are ``sqrt(ln 2 / s_d)``
 (:func:`embseg.embedding.membership_radius`). The candidate embeddings are put once in a
 KD-tree; each seed asks the tree for the ball that encloses its ellipse and tests only those
-pixels exactly. Seeds are visited from one descending sort, so there is no arg-max per
-iteration, and everything runs in float64 NumPy on the CPU with no device round trips.
+pixels exactly. Seeds are visited from one descending sort (of the seeds only), so there is
+no arg-max per iteration, and everything runs in float64 NumPy on the CPU with no device round
+trips. Only the candidates are gathered and widened to float64; the seediness map stays
+float32 (thresholds are compared as in float64), and when no candidate reaches ``seed_thresh``
+(an untrained or empty image) no geometry or tree is built at all.
 """
 
 from __future__ import annotations
@@ -27,13 +30,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from embseg.embedding import (
-    PHI_THRESHOLD,
-    bandwidth,
-    flat_coordinates,
-    n_output_channels,
-    split_raw,
-)
+from embseg.embedding import PHI_THRESHOLD, bandwidth, n_output_channels, split_raw
 
 # The tree is queried with a radius inflated by this relative margin, so that rounding in the
 # scaled coordinates can never drop a pixel that the exact test would keep.
@@ -69,6 +66,53 @@ def seed_map(raw: torch.Tensor) -> np.ndarray:
     return torch.sigmoid(logit.float()).cpu().numpy()
 
 
+def _strictly_above(values: np.ndarray, threshold: float) -> np.ndarray:
+    """``values > threshold`` for float32 ``values`` as if compared in float64, without widening.
+
+    NumPy compares a float32 array with a Python float in float32, which differs from the
+    float64 comparison when the threshold is not a float32 value (0.6, say).
+    """
+    t32 = np.float32(threshold)
+    if float(t32) > threshold:  # rounded up: v > threshold iff v >= t32
+        return values >= t32
+    return values > t32  # exact, or rounded down (no float32 lies in between)
+
+
+def _at_least(values: np.ndarray, threshold: float) -> np.ndarray:
+    """``values >= threshold`` for float32 ``values`` as if compared in float64."""
+    t32 = np.float32(threshold)
+    if float(t32) < threshold:  # rounded down: v >= threshold iff v > t32
+        return values > t32
+    return values >= t32
+
+
+def _candidates(raw: torch.Tensor, fg_thresh: float) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of the pixels with seediness above ``fg_thresh`` and their float32 seediness."""
+    seed = seed_map(raw).reshape(-1)
+    index = np.flatnonzero(_strictly_above(seed, fg_thresh))
+    return index, seed[index]
+
+
+def _geometry(
+    raw: torch.Tensor, index: np.ndarray, step: Sequence[float], origin: Sequence[int] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and bandwidths ``(N, D)`` float64 of the pixels at flat ``index``."""
+    ndim = _ndim_of(raw)
+    shape = tuple(raw.shape[1:])
+    origin = [0] * ndim if origin is None else list(origin)
+    flat = raw.detach().cpu().reshape(raw.shape[0], -1)
+    index_t = torch.from_numpy(index)
+    # Only the candidates are gathered and widened (never a float64 copy of a whole map).
+    values = flat[: 2 * ndim].index_select(1, index_t).double()
+    pixel = np.unravel_index(index, shape)
+    emb = torch.tanh(values[:ndim])
+    for d in range(ndim):
+        coordinate = (torch.from_numpy(pixel[d]).to(torch.float64) + origin[d]) * step[d]
+        emb[d] += coordinate
+    s = bandwidth(values[ndim:])
+    return np.ascontiguousarray(emb.numpy().T), np.ascontiguousarray(s.numpy().T)
+
+
 def candidate_geometry(
     raw: torch.Tensor,
     step: Sequence[float],
@@ -102,21 +146,9 @@ def candidate_geometry(
     ndim = _ndim_of(raw)
     if len(step) != ndim:
         raise ValueError(f"step has {len(step)} entries for {ndim} spatial axes")
-    raw = raw.detach().cpu()
-    shape = tuple(raw.shape[1:])
-    seed = seed_map(raw).reshape(-1).astype(np.float64)
-    index = np.flatnonzero(seed > fg_thresh)
-    offsets, sigmas, _ = split_raw(raw, ndim)
-    index_t = torch.from_numpy(index)
-    offset_c = offsets.reshape(ndim, -1)[:, index_t].double()
-    emb = torch.tanh(offset_c) + flat_coordinates(index_t, shape, step, origin, dtype=torch.float64)
-    s = bandwidth(sigmas.reshape(ndim, -1)[:, index_t].double())
-    return (
-        index,
-        np.ascontiguousarray(emb.numpy().T),
-        np.ascontiguousarray(s.numpy().T),
-        seed[index],
-    )
+    index, seed = _candidates(raw, fg_thresh)
+    emb, s = _geometry(raw, index, step, origin)
+    return index, emb, s, seed.astype(np.float64)
 
 
 def greedy_labels(
@@ -157,16 +189,21 @@ def greedy_labels(
     accepted: list[int] = []
     if n == 0:
         return (labels, np.zeros(0, dtype=np.int64)) if return_seeds else labels
+    # Seeds in descending seediness, ties in candidate order (a stable sort of the seeds only).
+    seeds = np.flatnonzero(seed >= seed_thresh)
+    seeds = seeds[np.argsort(-seed[seeds], kind="stable")]
+    if seeds.size == 0:
+        return (labels, np.zeros(0, dtype=np.int64)) if return_seeds else labels
     scale = 1.0 / np.asarray(step, dtype=np.float64)
-    tree = cKDTree(emb * scale)
-    order = np.argsort(-seed, kind="stable")
-    n_seeds = int(np.count_nonzero(seed >= seed_thresh))
-    seeds = order[:n_seeds]
+    # An unbalanced tree (sliding midpoint) builds ~3x faster and answers the same balls.
+    tree = cKDTree(emb * scale, leafsize=32, balanced_tree=False, compact_nodes=False)
     # Radius (in scaled units) of the ball enclosing each seed's phi = 0.5 ellipse.
     radius = (
         np.max(np.sqrt(math.log(2.0) / s[seeds]) * scale, axis=1) * (1 + _RADIUS_MARGIN)
         + _RADIUS_MARGIN
     )
+    ndim = emb.shape[1]
+    columns = [np.ascontiguousarray(emb[:, d]) for d in range(ndim)]
     clustered = np.zeros(n, dtype=bool)
     next_label = 1
     for k, r in zip(seeds.tolist(), radius.tolist(), strict=True):
@@ -175,9 +212,17 @@ def greedy_labels(
         near = np.asarray(
             tree.query_ball_point(emb[k] * scale, r, return_sorted=False), dtype=np.intp
         )
-        diff = emb[near] - emb[k]
-        phi = np.exp(-(s[k] * diff * diff).sum(axis=1))
-        proposal = near[phi > PHI_THRESHOLD]
+        # sum_d s_d (e_d - e_k,d) ** 2 axis by axis on contiguous columns, the same float
+        # operations in the same order as ``(s[k] * diff * diff).sum(axis=1)``.
+        centre, bw = emb[k], s[k]
+        exponent = None
+        for d in range(ndim):
+            diff = columns[d].take(near)
+            diff -= centre[d]
+            term = bw[d] * diff
+            term *= diff
+            exponent = term if exponent is None else np.add(exponent, term, out=exponent)
+        proposal = near[np.exp(-exponent) > PHI_THRESHOLD]
         n_free = proposal.size - int(np.count_nonzero(clustered[proposal]))
         if proposal.size >= min_size and 2 * n_free > proposal.size:
             labels[proposal] = next_label
@@ -246,10 +291,21 @@ def cluster(
     >>> cluster(raw, step=(1 / 1023, 1 / 1023), min_size=4).max()
     np.uint32(1)
     """
-    index, emb, s, seed = candidate_geometry(raw, step, fg_thresh, origin)
-    labels = np.zeros(int(np.prod(raw.shape[1:])), dtype=np.uint32)
-    labels[index], seeds = greedy_labels(emb, s, seed, step, seed_thresh, min_size, return_seeds=True)
-    labels = labels.reshape(tuple(raw.shape[1:]))
+    ndim = _ndim_of(raw)
+    if len(step) != ndim:
+        raise ValueError(f"step has {len(step)} entries for {ndim} spatial axes")
+    shape = tuple(raw.shape[1:])
+    labels = np.zeros(int(np.prod(shape)), dtype=np.uint32)
+    index, seed = _candidates(raw, fg_thresh)
+    if not np.any(_at_least(seed, seed_thresh)):
+        # No pixel can start an object: no geometry, no tree.
+        labels = labels.reshape(shape)
+        return (labels, np.zeros(0, dtype=np.int64)) if return_seeds else labels
+    emb, s = _geometry(raw, index, step, origin)
+    labels[index], seeds = greedy_labels(
+        emb, s, seed.astype(np.float64), step, seed_thresh, min_size, return_seeds=True
+    )
+    labels = labels.reshape(shape)
     if return_seeds:
         return labels, index[seeds]
     return labels
