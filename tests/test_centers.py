@@ -74,7 +74,10 @@ def test_medoid_equals_brute_force_on_random_shapes(seed, ndim):
     assert medoid(coords, spacing) == brute_medoid(sums)
 
 
-def test_bounded_search_is_used_and_exact_on_larger_objects():
+def test_bounded_search_is_used_and_exact_on_larger_objects(monkeypatch):
+    import embseg.centers as centers
+
+    monkeypatch.setattr(centers, "_FFT_MAX_PIXELS", 0)  # the FFT pass would take these
     rng = np.random.default_rng(11)
     for spacing in [None, (1.0, 3.0)]:
         coords = random_blob(rng, (64, 64), smooth=4.0, frac=0.4)
@@ -91,6 +94,7 @@ def test_bound_alone_guarantees_exactness(monkeypatch, seed):
     """With a deliberately bad starting point the pruning bound must still find the medoid."""
     import embseg.centers as centers
 
+    monkeypatch.setattr(centers, "_FFT_MAX_PIXELS", 0)
     monkeypatch.setattr(centers, "_weiszfeld", lambda points, weights: points.max(axis=0) + 7.0)
     monkeypatch.setattr(centers, "_CANDIDATE_BATCH", 2)
     rng = np.random.default_rng(100 + seed)
@@ -99,6 +103,40 @@ def test_bound_alone_guarantees_exactness(monkeypatch, seed):
     spacing = None if seed % 2 == 0 else (2.0,) + (1.0,) * (len(shape) - 1)
     assert len(coords) > _BRUTE_FORCE_MAX
     assert medoid(coords, spacing) == brute_medoid(chunked_sums(coords, spacing))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fft_pass_equals_brute_force_and_settles_ties_exactly(monkeypatch, seed):
+    import embseg.centers as centers
+
+    calls = []
+    original = centers._convolved_sums
+    monkeypatch.setattr(centers, "_convolved_sums", lambda m, s: calls.append(m.shape) or original(m, s))
+    rng = np.random.default_rng(200 + seed)
+    shape = (40, 52) if seed < 2 else (10, 22, 18)
+    coords = random_blob(rng, shape, smooth=2.5, frac=0.3)
+    coords = coords[rng.permutation(len(coords))]  # any row order: ties go to the lowest row
+    spacing = None if seed % 2 == 0 else (2.18,) + (1.0,) * (len(shape) - 1)
+    assert medoid(coords, spacing) == brute_medoid(chunked_sums(coords, spacing))
+    assert calls, "the FFT pass was not used"
+    for side in (6, 7, 30):  # even sides: 4 exactly tied centre pixels
+        square = np.argwhere(np.ones((side,) * 2, bool))[::-1].copy()
+        assert medoid(square) == brute_medoid(brute_force_sums(square))
+
+
+def test_object_centers_batched_fft_equals_per_object_brute_force():
+    rng = np.random.default_rng(21)
+    for shape, spacing in (((96, 96), None), ((96, 96), (1.0, 1.7)), ((16, 40, 40), (2.18, 1.0, 1.0))):
+        field = ndimage.gaussian_filter(rng.normal(size=shape), 2.0)
+        labels, n = ndimage.label(field > np.quantile(field, 0.6))
+        labels[tuple(slice(0, 6) for _ in shape)] = n + 5  # a square: exact ties
+        assert n >= 5
+        found = object_centers(labels, "medoid", spacing)
+        for obj_id, box in zip(*object_slices(labels), strict=True):
+            coords = np.argwhere(labels[box] == obj_id) + [b.start for b in box]
+            expected = coords[brute_medoid(chunked_sums(coords, spacing))]
+            assert found[int(obj_id)] == tuple(int(v) for v in expected), obj_id
+        assert list(found) == sorted(found)
 
 
 def test_symmetric_ties_go_to_the_lowest_index():
