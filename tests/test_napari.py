@@ -282,6 +282,29 @@ def test_predict_widget_object_count_and_thresholds(make_napari_viewer, qtbot, m
     assert [layer.name for layer in viewer.layers] == ["nuclei", "nuclei labels"]
 
 
+def test_predict_widget_shipped_model_on_a_sample(make_napari_viewer, qtbot) -> None:
+    """The shipped nuclei-2d on the dsb-large sample (19 nuclei): about that many objects."""
+    from embseg import matching
+    from embseg.napari._predict import PredictWidget
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("embseg", "dsb-large")
+    widget = PredictWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.reset_choices()
+    widget.image.value = viewer.layers["dsb-large"]
+    assert widget.model_choice.value == "nuclei-2d"
+    widget.device.value = "cpu"
+    widget.run()
+    _wait_done(qtbot, widget)
+    labels = viewer.layers["dsb-large labels"].data
+    truth = viewer.layers["dsb-large mask"].data
+    n = len(np.unique(labels)) - 1
+    assert abs(n - 19) <= 3, widget.status.value  # 20 with the model of 2026-12
+    assert widget.status.value == f"{n} objects"
+    assert matching(truth, labels, thresh=0.5).f1 >= 0.85
+
+
 def test_predict_widget_stack_and_cancel(make_napari_viewer, qtbot, model_2d: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A stack is segmented plane by plane; Cancel stops at the next plane and adds nothing."""
