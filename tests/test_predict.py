@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from embseg.embedding import grid_step, n_output_channels
-from embseg.predict import NETWORK_STRIDE, TTATransform, predict_labels, predict_raw, tta_transforms
+from embseg.predict import (
+    NETWORK_STRIDE,
+    TTATransform,
+    default_batch_size,
+    default_channels_last,
+    predict_labels,
+    predict_raw,
+    tta_transforms,
+)
 from embseg.tiling import pad_to_multiple
 
 torch.set_num_threads(1)
@@ -132,6 +140,20 @@ def test_mode_device_and_output_tensor():
     second = predict_raw(net, image, 2)
     torch.testing.assert_close(first, second, atol=0, rtol=0)  # dropout was off
     first.add_(1.0)  # an ordinary tensor, not an inference tensor
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_channels_last_and_batching_change_nothing_but_rounding(ndim):
+    net = stand_in(ndim)
+    image = random_image((24, 40) if ndim == 2 else (8, 16, 24))
+    plain = predict_raw(net, image, ndim, channels_last=False, batch_size=8, tta=True)
+    fast = predict_raw(net, image, ndim, channels_last=True, batch_size=1, tta=True)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    assert fast.is_contiguous()
+    # the module's parameters are handed back in the default layout
+    assert all(p.is_contiguous() for p in net.parameters())
+    assert default_batch_size("cpu") == 1 and default_batch_size("meta") == 8
+    assert default_channels_last("cpu") and not default_channels_last("meta")
 
 
 def test_bad_inputs():
