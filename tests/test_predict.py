@@ -16,6 +16,7 @@ from embseg.predict import (
     default_batch_size,
     default_channels_last,
     predict_labels,
+    predict_labels_streamed,
     predict_raw,
     tta_transforms,
 )
@@ -282,3 +283,81 @@ def test_predict_labels_end_to_end(tile_shape):
         assert len(ids) == 1 and ids[0] > 0
         np.testing.assert_array_equal(labels == ids[0], truth == k)
     np.testing.assert_allclose(seed, 1 / (1 + np.exp(-raw[4])), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- streamed labels
+
+
+class PointwiseNet(nn.Module):
+    """The input is the raw output (a 1x1 'network'): tiles see exactly what the whole sees."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+
+def blob_raw(shape, n_objects, seed):
+    """Raw outputs of random balls: offsets to the ball centre, tight bandwidth, seed peak at
+    the centre, background seediness below the foreground threshold."""
+    rng = np.random.default_rng(seed)
+    ndim = len(shape)
+    step = [H] * ndim
+    raw = np.zeros((2 * ndim + 1, *shape), np.float32)
+    raw[ndim : 2 * ndim] = 0.3
+    raw[2 * ndim] = rng.uniform(-6, 0.5, shape)  # some background candidates too
+    grid = np.indices(shape).astype(float)
+    for _ in range(n_objects):
+        c = np.array([rng.uniform(3, s - 3) for s in shape])
+        r = rng.uniform(2.0, 4.0)
+        ball = ((grid - c.reshape(-1, *[1] * ndim)) ** 2).sum(0) <= r * r
+        centre = np.round(c).astype(int)
+        for d in range(ndim):
+            raw[d][ball] = np.arctanh((centre[d] - grid[d][ball]) * H)
+            raw[ndim + d][ball] = np.log(np.log(2.0) / (1.5 * H) ** 2) / 10.0
+        raw[2 * ndim][ball] = 3.0
+        raw[(2 * ndim, *centre)] = 5.0 + rng.uniform(0, 1)
+    return raw, step
+
+
+@pytest.mark.parametrize("shape, tile", [((72, 88), (24, 32)), ((20, 40, 36), (8, 16, 16))])
+def test_streamed_labels_equal_whole_raw_clustering(shape, tile):
+    from embseg.cluster import cluster, seed_map
+
+    raw, step = blob_raw(shape, 25, seed=len(shape))
+    net = PointwiseNet()
+    ndim = len(shape)
+    whole = predict_raw(net, raw, ndim, tile_shape=tile, halo=8)
+    expected = cluster(whole, step, min_size=5)
+    labels, seeds = predict_labels_streamed(net, raw, ndim, step, min_size=5, tile_shape=tile, halo=8,
+                                            return_seeds=True)
+    assert expected.max() >= 10  # objects, several crossing tile borders
+    np.testing.assert_array_equal(labels, expected)  # ids included
+    # torch's SIMD sigmoid rounds a few values differently on a tile than on the whole map
+    np.testing.assert_allclose(seeds, seed_map(whole), rtol=0, atol=1e-6)
+    # nothing reaches the seed threshold: all background, no clustering
+    none = predict_labels_streamed(net, raw, ndim, step, seed_thresh=0.9999, tile_shape=tile, halo=8)
+    assert none.max() == 0 and none.shape == shape
+
+
+def test_model_predict_tiled_route_equals_one_pass_clustering():
+    from embseg.config import ModelConfig
+    from embseg.model import Model
+    from embseg.normalize import percentile_stats
+
+    class Denormalise(nn.Module):  # undoes the model's normalisation: outputs = raw
+        def __init__(self, lo, hi):
+            super().__init__()
+            self.register_buffer("lo", torch.tensor(lo, dtype=torch.float32).view(1, -1, 1, 1, 1))
+            self.register_buffer("span", torch.tensor(hi - lo, dtype=torch.float32).view(1, -1, 1, 1, 1))
+
+        def forward(self, x):
+            return x * self.span + self.lo
+
+    raw, step = blob_raw((16, 48, 40), 20, seed=7)
+    config = ModelConfig(ndim=3, in_channels=7, grid_step=list(step), min_size=5, halo=8,
+                         norm_low=0.0, norm_high=100.0)
+    model = Model(config, Denormalise(*percentile_stats(raw, 0.0, 100.0)))
+    data = model.prepare(raw, axes="CZYX")
+    one_pass = model.cluster(model.predict_raw(data, normalized=True, device="cpu"))
+    tiled, seeds = model.predict(raw, axes="CZYX", tile_shape=(8, 16, 16), device="cpu", return_seeds=True)
+    np.testing.assert_array_equal(tiled, one_pass)
+    assert tiled.max() >= 10 and seeds.shape == tiled.shape

@@ -202,7 +202,13 @@ class Model:
         tta
             Test-time augmentation (8 variants in 2D, 16 in 3D).
         tile_shape
-            Predict tile by tile (with a halo) when the image is larger; ``None`` = whole image.
+            Predict tile by tile (with a halo) when the image is larger; ``None`` = whole image
+            unless it has more than :data:`MAX_UNTILED_PIXELS` (then :data:`DEFAULT_TILE`).
+            A tiled prediction keeps only one tile's raw outputs and the clustering candidates
+            in memory (:func:`embseg.predict.predict_labels_streamed`), so its peak memory grows
+            with the input, the labels and the foreground, not with float maps of the image;
+            the labels equal those of clustering the raw outputs of the whole image (up to
+            1-ulp rounding of the seediness, see there).
         seed_thresh, fg_thresh, min_size
             Clustering thresholds; the model's tuned values by default.
         device
@@ -220,14 +226,34 @@ class Model:
             float32 seediness map, when ``return_seeds``.
         """
         from embseg.cluster import seed_map
+        from embseg.predict import predict_labels_streamed
 
         check_thresholds(seed_thresh, fg_thresh, min_size)  # before the expensive part
-        raw = self.predict_raw(image, axes=axes, tta=tta, tile_shape=tile_shape, device=device,
-                               source=source)
-        labels = self.cluster(raw, seed_thresh=seed_thresh, fg_thresh=fg_thresh, min_size=min_size, tta=tta)
+        data = self.prepare(image, axes, source=source)
+        tiles = _tile(tile_shape, self.ndim)
+        if tiles is None:
+            tiles = self.auto_tile_shape(tuple(data.shape[1:]))
+        if tiles is None:  # one pass: raw outputs of the whole image, then the clustering
+            raw = self.predict_raw(data, tta=tta, device=device, normalized=True)
+            labels = self.cluster(raw, seed_thresh=seed_thresh, fg_thresh=fg_thresh, min_size=min_size, tta=tta)
+            return (labels, seed_map(raw)) if return_seeds else labels
+        # Tiled (a large image): never the raw outputs of the whole image in memory, only one
+        # tile's and the clustering candidates; the same labels as the one-pass route.
+        cfg = self.config
+        default_seed, default_fg = cfg.thresholds(tta)
+        dev = select_device(device)
+        self.net.to(dev)
+        result = predict_labels_streamed(
+            self.net, data, self.ndim, cfg.grid_step,
+            seed_thresh=default_seed if seed_thresh is None else seed_thresh,
+            fg_thresh=default_fg if fg_thresh is None else fg_thresh,
+            min_size=cfg.min_size if min_size is None else min_size,
+            tile_shape=tiles, halo=self.halo(), tta=tta, device=dev, amp=dev.type == "cuda",
+            return_seeds=return_seeds,
+        )
         if return_seeds:
-            return labels, seed_map(raw)
-        return labels
+            return relabel_sequential(result[0]), result[1]
+        return relabel_sequential(result)
 
     def cluster(
         self,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from embseg.cluster import cluster, seed_map
+from embseg.cluster import _at_least, _candidates, _geometry, cluster, greedy_labels, seed_map
 from embseg.embedding import n_output_channels
 from embseg.tiling import Tile, pad_to_multiple, tile_grid
 
@@ -265,6 +265,61 @@ def predict_raw(
     torch.Tensor
         ``(2*ndim+1, *spatial)`` float32 on the CPU.
     """
+    device, batch_size, channels_last = _check_args(image, ndim, device, batch_size, channels_last)
+    tiles, transforms = _plan(image, ndim, tile_shape, halo, tta)
+    spatial = tuple(int(n) for n in image.shape[1:])
+    out = torch.empty((n_output_channels(ndim), *spatial), dtype=torch.float32)
+    with _inference(net, device, amp, ndim, channels_last):
+        for tile, raw in _tile_outputs(
+            net, image, tiles, transforms, batch_size, device, progress, channels_last
+        ):
+            out[(slice(None), *tile.core)] = raw
+    return out
+
+
+def _plan(
+    image: np.ndarray,
+    ndim: int,
+    tile_shape: int | Sequence[int] | None,
+    halo: int | Sequence[int] | None,
+    tta: bool,
+) -> tuple[list[Tile], list[TTATransform]]:
+    """Tiles and TTA variants of a prediction (see :func:`predict_raw`)."""
+    spatial = tuple(int(n) for n in image.shape[1:])
+    if tile_shape is None:
+        tiles = tile_grid(spatial, spatial, 0 if halo is None else halo)
+    else:
+        if halo is None:
+            raise ValueError("tiled prediction needs a halo (the network's receptive field)")
+        tiles = tile_grid(spatial, tile_shape, halo, align=NETWORK_STRIDE, balanced=True)
+    transforms = tta_transforms(ndim) if tta else [TTATransform(ndim)]
+    # Variants of equal shape next to each other, so that they share forward passes.
+    return tiles, sorted(transforms, key=lambda t: t.quarter_turns % 2)
+
+
+@contextlib.contextmanager
+def _inference(
+    net: torch.nn.Module, device: torch.device, amp: bool, ndim: int, channels_last: bool
+) -> Iterator[None]:
+    """The network on ``device`` in eval mode (optionally channels-last), inference mode and
+    autocast; the module's mode and parameter layout are restored afterwards."""
+    was_training = net.training
+    net.to(device).eval()
+    if channels_last:
+        net.to(memory_format=_memory_format(ndim))
+    try:
+        with torch.inference_mode(), _autocast(device, amp):
+            yield
+    finally:
+        net.train(was_training)
+        if channels_last:
+            net.to(memory_format=torch.contiguous_format)
+
+
+def _check_args(
+    image: np.ndarray, ndim: int, device: torch.device | str, batch_size: int | None,
+    channels_last: bool | None,
+) -> tuple[torch.device, int, bool]:
     if image.ndim != ndim + 1:
         raise ValueError(
             f"image must be (C, *spatial) with {ndim} spatial axes, got shape {tuple(image.shape)}"
@@ -276,32 +331,88 @@ def predict_raw(
         channels_last = default_channels_last(device)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return device, batch_size, channels_last
+
+
+def predict_labels_streamed(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    ndim: int,
+    step: Sequence[float],
+    seed_thresh: float = 0.9,
+    fg_thresh: float = 0.5,
+    min_size: int = 10,
+    tile_shape: int | Sequence[int] | None = None,
+    halo: int | Sequence[int] | None = None,
+    tta: bool = False,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    batch_size: int | None = None,
+    progress: bool = False,
+    channels_last: bool | None = None,
+    return_seeds: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Labels of an image without ever holding its raw outputs: tile by tile, keep only the
+    clustering candidates, then cluster them all at once.
+
+    Equal to :func:`predict_raw` followed by :func:`embseg.cluster.cluster`: the same tiles,
+    the same raw values, the same embeddings and bandwidths bit for bit, the candidates in the
+    same (C) order. One caveat: torch's vectorised sigmoid rounds some seediness values 1 ulp
+    (float32) differently on a tile than on the whole map (its scalar tail loops differ), which
+    can matter only for a pixel within 1 ulp of ``fg_thresh`` / ``seed_thresh`` or two seeds
+    within 1 ulp of each other. Memory grows with the input, the output and the foreground
+    only: one tile's raw outputs at a time, plus per candidate (pixel with seediness above ``fg_thresh``) its flat index, float64
+    embedding and bandwidth and its seediness (about ``8 + 16 D + 8`` bytes), instead of
+    ``4 (2 D + 1)`` bytes of float32 raw outputs per pixel and the float64 candidate arrays on
+    top of them.
+
+    Parameters are those of :func:`predict_raw` and :func:`embseg.cluster.cluster`.
+
+    Returns
+    -------
+    labels : numpy.ndarray
+        ``uint32`` labels of shape ``spatial`` (ids in acceptance order, with gaps as
+        :func:`embseg.cluster.cluster`).
+    seed : numpy.ndarray, optional
+        ``float32`` seediness, when ``return_seeds``.
+    """
+    device, batch_size, channels_last = _check_args(image, ndim, device, batch_size, channels_last)
+    if len(step) != ndim:
+        raise ValueError(f"step has {len(step)} entries for {ndim} spatial axes")
+    tiles, transforms = _plan(image, ndim, tile_shape, halo, tta)
     spatial = tuple(int(n) for n in image.shape[1:])
-    if tile_shape is None:
-        tiles = tile_grid(spatial, spatial, 0 if halo is None else halo)
-    else:
-        if halo is None:
-            raise ValueError("tiled prediction needs a halo (the network's receptive field)")
-        tiles = tile_grid(spatial, tile_shape, halo, align=NETWORK_STRIDE, balanced=True)
-    transforms = tta_transforms(ndim) if tta else [TTATransform(ndim)]
-    # Variants of equal shape next to each other, so that they share forward passes.
-    transforms = sorted(transforms, key=lambda t: t.quarter_turns % 2)
-    out = torch.empty((n_output_channels(ndim), *spatial), dtype=torch.float32)
-    was_training = net.training
-    net.to(device).eval()
-    if channels_last:
-        net.to(memory_format=_memory_format(ndim))
-    try:
-        with torch.inference_mode(), _autocast(device, amp):
-            for tile, raw in _tile_outputs(
-                net, image, tiles, transforms, batch_size, device, progress, channels_last
-            ):
-                out[(slice(None), *tile.core)] = raw
-    finally:
-        net.train(was_training)
-        if channels_last:
-            net.to(memory_format=torch.contiguous_format)
-    return out
+    seeds = np.zeros(spatial, dtype=np.float32) if return_seeds else None
+    index_parts, seed_parts, emb_parts, s_parts = [], [], [], []
+    with _inference(net, device, amp, ndim, channels_last):
+        for tile, raw in _tile_outputs(
+            net, image, tiles, transforms, batch_size, device, progress, channels_last
+        ):
+            local, seed = _candidates(raw, fg_thresh)
+            origin = [c.start for c in tile.core]
+            emb, s = _geometry(raw, local, step, origin)
+            pixel = np.unravel_index(local, raw.shape[1:])
+            index_parts.append(
+                np.ravel_multi_index(tuple(p + o for p, o in zip(pixel, origin, strict=True)), spatial)
+            )
+            seed_parts.append(seed)
+            emb_parts.append(emb)
+            s_parts.append(s)
+            if seeds is not None:
+                seeds[tile.core] = seed_map(raw)
+            del raw
+    labels = np.zeros(int(np.prod(spatial)), dtype=np.uint32)
+    seed = np.concatenate(seed_parts) if seed_parts else np.zeros(0, np.float32)
+    if seed.size and np.any(_at_least(seed, seed_thresh)):
+        index = np.concatenate(index_parts)
+        order = np.argsort(index, kind="stable")  # candidates in C order, as in one image
+        seed = seed[order].astype(np.float64)
+        emb = np.concatenate(emb_parts)[order]
+        del emb_parts
+        s = np.concatenate(s_parts)[order]
+        del s_parts
+        labels[index[order]] = greedy_labels(emb, s, seed, step, seed_thresh, min_size)
+    labels = labels.reshape(spatial)
+    return (labels, seeds) if return_seeds else labels
 
 
 def predict_labels(
