@@ -35,7 +35,14 @@ WORK = HERE / "_work"
 sys.path.insert(0, str(HERE))
 
 import inputs  # noqa: E402
+import predict_memory  # noqa: E402
 import setup_reference  # noqa: E402
+
+#: Hand-written analysis (what each change bought, what limits the targets still missed),
+#: appended to the generated report so that a new run keeps it.
+ANALYSIS = HERE / "RESULTS_analysis.md"
+#: Records of the last memory benchmark (``predict_memory.py``), shown when a run skips it.
+MEMORY_JSON = WORK / "memory-full.json"
 
 
 @dataclass(frozen=True)
@@ -250,7 +257,7 @@ def fmt_s(t: float) -> str:
 
 def write_report(path: Path, results: list[dict], command: str, started: str, elapsed: float,
                  load: tuple[tuple[float, ...], tuple[float, ...]], quick: bool, pending: list[str],
-                 merged_from: Path | None = None) -> None:
+                 merged_from: Path | None = None, memory: dict | None = None) -> None:
     lines = [
         "# Benchmarks: embseg vs the original EmbedSeg 0.2.5",
         "",
@@ -305,6 +312,11 @@ def write_report(path: Path, results: list[dict], command: str, started: str, el
             lines.append(f"- {started_at} UTC, `{cmd}`{wall_text}: {', '.join(names)}")
     lines += ["", "Load average before / after each benchmark: " + "; ".join(
         f"{r['name']} {r['run']['load_before'][0]}/{r['run']['load_after'][0]}" for r in results if "run" in r)]
+    if memory and memory.get("records"):
+        lines += ["", *predict_memory.markdown(memory["records"]),
+                  f"(memory run of {memory.get('started', '?')} UTC)", ""]
+    if ANALYSIS.is_file():
+        lines += ["", ANALYSIS.read_text().rstrip(), ""]
     lines += ["", "## What is measured", ""] + [f"- {t}" for t in NOTES] + [""]
     path.write_text("\n".join(lines))
 
@@ -384,7 +396,14 @@ def main() -> None:
                         help="only write the report (--output, default benchmarks/RESULTS.md) from a results JSON")
     parser.add_argument("--reps", type=int, default=None, help="override the repetitions of every benchmark")
     parser.add_argument("--warmup", type=int, default=None, help="override the warm-up runs of every benchmark")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the memory benchmark (predict_memory.py; part of a full run, or --only memory)")
     args = parser.parse_args()
+    names = [n.strip() for n in (args.only or "").split(",") if n.strip()]
+    run_memory = not args.no_memory and not args.quick and (not names or "memory" in names)
+    names = [n for n in names if n != "memory"]
+    only_memory = bool(args.only) and not names
+    last_memory = json.loads(MEMORY_JSON.read_text()) if MEMORY_JSON.is_file() else None
 
     if args.render is not None:
         results = json.loads(args.render.read_text())
@@ -393,7 +412,7 @@ def main() -> None:
         out = args.output or HERE / "RESULTS.md"
         write_report(out, results, first["command"], first["started"], float("nan"),
                      (tuple(first.get("load_before", ())), tuple(runs[-1].get("load_after", ()) if runs else ())),
-                     False, pending=[], merged_from=None)
+                     False, pending=[], merged_from=None, memory=last_memory)
         print(f"report: {out}")
         return
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
@@ -401,7 +420,7 @@ def main() -> None:
     load0 = tuple(round(x, 2) for x in os.getloadavg())
     command = "make bench" if not (args.quick or args.only) and os.environ.get("MAKELEVEL") else \
         " ".join(["python", "benchmarks/run.py", *sys.argv[1:]])
-    benches = select(args.only)
+    benches = [] if only_memory else select(",".join(names) or None)
     pythons = {"ours": Path(sys.executable), "ref": setup_reference.build()}
     root = WORK / "inputs"
     if args.output is not None:
@@ -440,8 +459,20 @@ def main() -> None:
         load1 = tuple(round(x, 2) for x in os.getloadavg())
         combined = merged(kept, results)
         write_report(out, combined, command, started, elapsed, (load0, load1), args.quick,
-                     pending=[b.name for b in benches[len(results):]], merged_from=args.merge)
+                     pending=[b.name for b in benches[len(results):]], merged_from=args.merge,
+                     memory=last_memory)
         (WORK / f"results-{'quick' if args.quick else 'full'}.json").write_text(json.dumps(combined, indent=1))
+    if run_memory:
+        memory_started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        last_memory = {"started": memory_started, "records": predict_memory.run_all(
+            predict_memory.ROUTES, list(predict_memory.FACTORS))}
+        MEMORY_JSON.write_text(json.dumps(last_memory, indent=1))
+        elapsed = time.monotonic() - t_start
+        load1 = tuple(round(x, 2) for x in os.getloadavg())
+        if only_memory and out == WORK / "RESULTS-partial.md" and (WORK / "results-full.json").is_file():
+            kept = kept or json.loads((WORK / "results-full.json").read_text())
+        write_report(out, merged(kept, results), command, started, elapsed, (load0, load1), args.quick,
+                     pending=[], merged_from=args.merge, memory=last_memory)
     results = merged(kept, results)
     by_name = {r["name"]: r for r in results if "ratio" in r}
 

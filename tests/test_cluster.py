@@ -324,6 +324,23 @@ def test_thresholds_between_float32_values_and_candidate_geometry():
     assert labels.max() >= 1
 
 
+def test_tie_key_orders_equal_seeds_like_candidate_order():
+    from embseg.cluster import greedy_labels
+
+    rng = np.random.default_rng(4)
+    raw = torch.tensor(rng.normal(scale=0.002, size=(5, 12, 14)), dtype=torch.float32)
+    raw[2:4] = 1.2  # radius ~1.7 px: many small objects
+    raw[4] = 4.0  # every pixel a seed of equal seediness: only the tie order decides
+    index, emb, s, seed = candidate_geometry(raw, grid_step(2))
+    plain = greedy_labels(emb, s, seed, grid_step(2), min_size=1)
+    perm = rng.permutation(len(index))
+    shuffled = greedy_labels(emb[perm], s[perm], seed[perm], grid_step(2), min_size=1, tie_key=index[perm])
+    back = np.zeros_like(plain)
+    back[perm] = shuffled
+    np.testing.assert_array_equal(back, plain)
+    assert plain.max() > 1
+
+
 def test_no_seed_reaches_the_threshold_returns_early():
     raw = torch.zeros(7, 4, 5, 6)
     raw[6] = 1.0  # seediness 0.73: candidates, but no seed at 0.9

@@ -110,7 +110,8 @@ def _geometry(
         coordinate = (torch.from_numpy(pixel[d]).to(torch.float64) + origin[d]) * step[d]
         emb[d] += coordinate
     s = bandwidth(values[ndim:])
-    return np.ascontiguousarray(emb.numpy().T), np.ascontiguousarray(s.numpy().T)
+    # (N, D) views of the (D, N) arrays: each axis is one contiguous column (no copies).
+    return emb.numpy().T, s.numpy().T
 
 
 def candidate_geometry(
@@ -159,6 +160,7 @@ def greedy_labels(
     seed_thresh: float = 0.9,
     min_size: int = 10,
     return_seeds: bool = False,
+    tie_key: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Greedy clustering of candidate pixels given their embeddings, bandwidths and seediness.
 
@@ -175,6 +177,9 @@ def greedy_labels(
         See :func:`cluster`.
     return_seeds
         Also return the seed of every label.
+    tie_key
+        ``(N,)`` integers ordering seeds of equal seediness (default: candidate order); e.g.
+        the flat pixel index when the candidates come tile by tile.
 
     Returns
     -------
@@ -191,12 +196,16 @@ def greedy_labels(
         return (labels, np.zeros(0, dtype=np.int64)) if return_seeds else labels
     # Seeds in descending seediness, ties in candidate order (a stable sort of the seeds only).
     seeds = np.flatnonzero(seed >= seed_thresh)
-    seeds = seeds[np.argsort(-seed[seeds], kind="stable")]
+    if tie_key is None:
+        seeds = seeds[np.argsort(-seed[seeds], kind="stable")]
+    else:
+        seeds = seeds[np.lexsort((np.asarray(tie_key)[seeds], -seed[seeds]))]
     if seeds.size == 0:
         return (labels, np.zeros(0, dtype=np.int64)) if return_seeds else labels
     scale = 1.0 / np.asarray(step, dtype=np.float64)
     # An unbalanced tree (sliding midpoint) builds ~3x faster and answers the same balls.
-    tree = cKDTree(emb * scale, leafsize=32, balanced_tree=False, compact_nodes=False)
+    tree = cKDTree(np.multiply(emb, scale, order="C"), leafsize=32, balanced_tree=False,
+                   compact_nodes=False)
     # Radius (in scaled units) of the ball enclosing each seed's phi = 0.5 ellipse.
     radius = (
         np.max(np.sqrt(math.log(2.0) / s[seeds]) * scale, axis=1) * (1 + _RADIUS_MARGIN)

@@ -334,6 +334,20 @@ def _check_args(
     return device, batch_size, channels_last
 
 
+def _pop_concatenate(parts: list[np.ndarray], column_major: bool = False) -> np.ndarray:
+    """Concatenate along axis 0, freeing the parts as they are copied (peak: the result plus
+    one part). ``column_major``: ``(N, D)`` parts into one F-ordered ``(N, D)`` array."""
+    total = sum(len(p) for p in parts)
+    out = np.empty((total, *parts[0].shape[1:]), dtype=parts[0].dtype, order="F" if column_major else "C")
+    at = 0
+    parts.reverse()
+    while parts:
+        part = parts.pop()
+        out[at : at + len(part)] = part
+        at += len(part)
+    return out
+
+
 def predict_labels_streamed(
     net: torch.nn.Module,
     image: np.ndarray,
@@ -402,15 +416,15 @@ def predict_labels_streamed(
             del raw
     labels = np.zeros(int(np.prod(spatial)), dtype=np.uint32)
     seed = np.concatenate(seed_parts) if seed_parts else np.zeros(0, np.float32)
+    del seed_parts
     if seed.size and np.any(_at_least(seed, seed_thresh)):
-        index = np.concatenate(index_parts)
-        order = np.argsort(index, kind="stable")  # candidates in C order, as in one image
-        seed = seed[order].astype(np.float64)
-        emb = np.concatenate(emb_parts)[order]
-        del emb_parts
-        s = np.concatenate(s_parts)[order]
-        del s_parts
-        labels[index[order]] = greedy_labels(emb, s, seed, step, seed_thresh, min_size)
+        # Candidates stay in tile order (no permuted copies); seeds of equal seediness are
+        # visited in C order of their pixels, as in one image.
+        index = _pop_concatenate(index_parts)
+        emb = _pop_concatenate(emb_parts, column_major=True)
+        s = _pop_concatenate(s_parts, column_major=True)
+        labels[index] = greedy_labels(emb, s, seed.astype(np.float64), step, seed_thresh, min_size,
+                                      tie_key=index)
     labels = labels.reshape(spatial)
     return (labels, seeds) if return_seeds else labels
 
