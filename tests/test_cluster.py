@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -369,13 +368,10 @@ def test_more_than_65535_objects():
     raw[1] = np.arctanh((centre - idx) * H)[None, :]
     raw[2:4] = np.log(math.log(2.0) / (1.0 * H) ** 2) / 10
     raw[4] = np.where(inside[:, None] & inside[None, :], 4.0, -4.0)
-    t0 = time.perf_counter()
     labels = cluster(torch.from_numpy(raw), grid_step(2), min_size=4)
-    elapsed = time.perf_counter() - t0
     assert labels.dtype == np.uint32
     assert labels.max() == n * n
     assert np.array_equal(np.bincount(labels.ravel())[1:], np.full(n * n, 4))
-    assert elapsed < 30
 
 
 # ----------------------------------------------------------------------------- real masks

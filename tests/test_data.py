@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -398,19 +396,15 @@ def test_crops_3d_anisotropic():
             np.testing.assert_array_equal(np.argwhere(cen == k)[0], expected)
 
 
-def test_real_dsb_crops_and_speed(data_dir):
+def test_real_dsb_crops(data_dir):
     images, masks = read_pairs(data_dir / "dsb2018_fluo" / "train", limit=30)
     images = [percentile_normalize(im[None]) for im in images]
     ds = TrainingCrops(images, masks, (96, 96), samples_per_epoch=200, seed=0)
     ds.table.precompute_centers()
-    start = time.perf_counter()
-    for i in range(len(ds)):
+    for i in range(len(ds)):  # speed: benchmarks/ (medoid), not a timing assertion here
         sample = ds[i]
         if i < 20:
             check_sample(sample, (96, 96), 1)
-    per_item = (time.perf_counter() - start) / len(ds)
-    # about 1 ms on an idle core; a loose bound that still catches an order-of-magnitude slip
-    assert per_item < 0.025
 
 
 def test_real_qcanet_3d_crops(data_dir):
