@@ -166,7 +166,7 @@ def test_stop_before_the_first_validation_still_leaves_a_validated_model(tmp_pat
     log = (tmp_path / "run" / "log.csv").read_text().strip().splitlines()
     assert len(log) == 2 and log[1].split(",")[7] != ""  # one row, with its validation score
     assert model.ndim == 2
-    assert 0 < model.config.training["first_step_s"] < 300  # recorded from the call, data loading included
+    assert model.config.training["first_step_s"] > 0  # recorded from the call, data loading included
 
 
 def test_init_from_starts_from_the_given_weights_and_refuses_other_shapes(tmp_path, capsys):
