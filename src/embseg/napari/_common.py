@@ -102,29 +102,28 @@ def image_layout(data: Any, ndim: int, in_channels: int, rgb: bool = False,
 def set_labels(viewer: napari.Viewer, name: str, labels: np.ndarray, like: Any = None,
                **kwargs: Any) -> napari.layers.Labels:
     """Update the Labels layer ``name`` in place, or add it (with ``like``'s scale/translate)."""
-    geometry = _geometry(like, labels.ndim)
-    if name in viewer.layers and viewer.layers[name].__class__.__name__ == "Labels":
-        layer = viewer.layers[name]
-        if layer.data.shape == labels.shape:
-            layer.data = labels
-            for key, value in geometry.items():
-                setattr(layer, key, value)
-            return layer
-        viewer.layers.remove(name)
-    return viewer.add_labels(labels, name=name, **geometry, **kwargs)
+    return _set_layer(viewer, "Labels", name, labels, like, **kwargs)
 
 
 def set_image(viewer: napari.Viewer, name: str, image: np.ndarray, like: Any = None,
               **kwargs: Any) -> napari.layers.Image:
     """Update the Image layer ``name`` in place, or add it (with ``like``'s scale/translate)."""
-    geometry = _geometry(like, image.ndim)
-    if name in viewer.layers and viewer.layers[name].__class__.__name__ == "Image":
+    return _set_layer(viewer, "Image", name, image, like, **kwargs)
+
+
+def _set_layer(viewer: napari.Viewer, kind: str, name: str, data: np.ndarray, like: Any,
+               **kwargs: Any) -> Any:
+    geometry = _geometry(like, data.ndim)
+    if name in viewer.layers and viewer.layers[name].__class__.__name__ == kind:
         layer = viewer.layers[name]
-        if layer.data.shape == image.shape:
-            layer.data = image
+        if layer.data.shape == data.shape:
+            layer.data = data
+            for key, value in geometry.items():
+                setattr(layer, key, value)
             return layer
         viewer.layers.remove(name)
-    return viewer.add_image(image, name=name, **geometry, **kwargs)
+    add = viewer.add_labels if kind == "Labels" else viewer.add_image
+    return add(data, name=name, **geometry, **kwargs)
 
 
 def _geometry(like: Any, ndim: int) -> dict[str, Any]:
