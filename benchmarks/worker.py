@@ -252,8 +252,16 @@ def bench_train_step(impl: str, folder: Path, meta: dict):
             return spatial_embedding_loss(out, instances, centers, step, fg_weight=meta["fg_weight"])[0]
 
     net.train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=meta["lr"], weight_decay=meta["weight_decay"])
+    if impl == "ref":
+        params = [p for p in net.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=meta["lr"], weight_decay=meta["weight_decay"])
+    else:  # what embseg.training.train does: its layout and optimizer
+        from embseg.training import make_optimizer, training_memory_format
+
+        memory_format = training_memory_format("cpu", ndim)
+        net = net.to(memory_format=memory_format)
+        images = images.contiguous(memory_format=memory_format)
+        optimizer = make_optimizer(net, meta["lr"], meta["weight_decay"], "cpu")
 
     def run():
         optimizer.zero_grad(set_to_none=True)
