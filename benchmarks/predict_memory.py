@@ -3,19 +3,23 @@
 Every case runs in its own process (peak RSS = that process's ``VmHWM``). The volume is the
 QCANet 8-cell embryo (``/work/shared/data/qcanet_embryo_3d``, 51x120x122, padded by reflection
 to one tile) tiled 1x1x1, 1x2x2 and 2x4x2 times; the model is ``runs/qcanet-3d`` when it exists
-(the README's 3D example, trained here), else a randomly initialised 3D ERFNet. Two routes,
+(the README's 3D example, trained here), else a randomly initialised 3D ERFNet. Three routes,
 with the same tiles (one tile = the 1x volume, context ``model.halo()``):
 
-* ``streamed``: ``Model.predict`` as it is now: tile by tile, only the clustering candidates
-  kept (``embseg.predict.predict_labels_streamed``);
-* ``whole-raw``: the previous route: the raw outputs of the whole volume (7 float32 maps),
+* ``blocks``: ``Model.predict`` as it is now (``clustering="blocks"``): every tile clustered on
+  its own, grown by the object halo, keeping the objects seeded in it
+  (``embseg.blockwise.predict_labels_blockwise``);
+* ``streamed``: ``Model.predict(clustering="global")``: tile by tile, only the clustering
+  candidates kept, then one global clustering (``embseg.predict.predict_labels_streamed``);
+* ``whole-raw`` (only with ``--routes``): the raw outputs of the whole volume (7 float32 maps),
   then ``cluster`` on them (``Model.predict_raw`` + ``Model.cluster``).
 
 Reported per case: peak RSS, RSS before predicting (Python, torch, model and the input), the
 input (the user's uint16 array and the float32 normalised copy that ``prepare`` makes), the
 labels (uint32), and ``peak - baseline - labels``: the working memory of the prediction
-itself. For the streamed route it stays at the network's tile working set plus the candidates
-(about 60 bytes per foreground voxel); for the whole-raw route it grows by 28 bytes per voxel.
+itself. For the blocks route it stays at the network's working set for one block; for the
+streamed route it adds the candidates (about 100 bytes per foreground voxel); for the whole-raw
+route it grows by 28 bytes per voxel.
 
 Usage::
 
@@ -41,7 +45,7 @@ DATA = Path("/work/shared/data/qcanet_embryo_3d/train/images/8_cell_stage.tif")
 TRAINED = ROOT / "runs" / "qcanet-3d"
 TILE = (56, 128, 128)
 FACTORS = {"1x": (1, 1, 1), "4x": (1, 2, 2), "16x": (2, 4, 2)}
-ROUTES = ["streamed", "whole-raw"]
+ROUTES = ["blocks", "streamed"]
 
 
 def vm(key: str) -> float:
@@ -94,15 +98,16 @@ def run_case(route: str, name: str) -> dict:
     image = volume(FACTORS[name])
     rss_before = vm("VmRSS")
     t0 = time.perf_counter()
-    if route == "streamed":
-        labels = model.predict(image, axes="ZYX", tile_shape=TILE, device="cpu")
+    if route in ("blocks", "streamed"):
+        labels = model.predict(image, axes="ZYX", tile_shape=TILE, device="cpu",
+                               clustering="blocks" if route == "blocks" else "global")
     else:
         raw = model.predict_raw(image, axes="ZYX", tile_shape=TILE, device="cpu")
         network = time.perf_counter() - t0
         labels = model.cluster(raw)
         del raw
     seconds = time.perf_counter() - t0
-    split = {"network_s": network, "cluster_s": seconds - network} if route != "streamed" else {}
+    split = {"network_s": network, "cluster_s": seconds - network} if route == "whole-raw" else {}
     peak = vm("VmHWM")
     return {
         "route": route, "case": name, "shape": list(image.shape), "voxels": int(image.size),
@@ -144,8 +149,11 @@ def markdown(records: list[dict]) -> list[str]:
         f"tiled 1x / 4x / 16x (uint16 input), model {model}, tiles {TILE} (one tile = the 1x volume, "
         "context 48), 2 threads, one process per case; peak RSS = `VmHWM`. *before* = RSS before predicting "
         "(Python, torch, model, the input array); *working* = peak − before − labels: what the prediction "
-        "itself holds at its peak (the float32 normalised copy of the input, the network's tile, the raw "
-        "outputs or the clustering candidates).",
+        "itself holds at its peak (the float32 normalised copy of the input, the network's tile or block, "
+        "the raw outputs or the clustering candidates). Routes: *blocks* = `Model.predict` (default "
+        "`clustering=\"blocks\"`: each tile clustered on its own with the object halo, seed ownership); "
+        "*streamed* = `clustering=\"global\"` (all candidates clustered at once); *whole-raw* = raw "
+        "outputs of the whole volume, then `cluster`.",
         "",
         "| route | volume | voxels | peak RSS (MB) | before (MB) | input uint16 + float32 copy (MB) | labels (MB) | working (MB) | working − float32 copy (MB) | objects | s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -174,7 +182,7 @@ def markdown(records: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", nargs=2, metavar=("ROUTE", "NAME"), help=argparse.SUPPRESS)
-    parser.add_argument("--routes", default="streamed,whole-raw")
+    parser.add_argument("--routes", default=",".join(ROUTES), help="blocks, streamed, whole-raw")
     parser.add_argument("--cases", default="1x,4x,16x")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

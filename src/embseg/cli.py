@@ -226,7 +226,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         image, axes = read_image(path, axes=args.axes, ndim=model.ndim)
         result = model.predict(image, axes=axes, tta=args.tta, tile_shape=tile, seed_thresh=args.seed_thresh,
                                fg_thresh=args.fg_thresh, min_size=args.min_size, device=args.device,
-                               return_seeds=args.save_seeds, source=str(path))
+                               return_seeds=args.save_seeds, source=str(path), clustering=args.clustering)
         labels, seeds = result if args.save_seeds else (result, None)
         write_labels(target, labels, overwrite=True)
         if seeds is not None:
@@ -396,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--axes", help="axes of the input arrays, e.g. YX, CYX, ZYX, YXC")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (8x in 2D, 16x in 3D)")
     p.add_argument("--tile-shape", help="predict in tiles of this shape, e.g. 512 or 64,256,256")
+    p.add_argument("--clustering", choices=("blocks", "global"), default="blocks",
+                   help="tiled images: cluster tile by tile with seed ownership (memory bounded by the "
+                   "tile; default) or all candidates at once (exact global clustering, memory grows "
+                   "with the foreground)")
     p.add_argument("--seed-thresh", type=float, help="seed threshold (default: the model's)")
     p.add_argument("--fg-thresh", type=float, help="foreground threshold (default: the model's)")
     p.add_argument("--min-size", type=int, help="minimum object size in pixels (default: the model's)")

@@ -189,6 +189,7 @@ class Model:
         device: str | None = "auto",
         return_seeds: bool = False,
         source: str = "image",
+        clustering: str = "blocks",
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Segment one image.
 
@@ -204,11 +205,7 @@ class Model:
         tile_shape
             Predict tile by tile (with a halo) when the image is larger; ``None`` = whole image
             unless it has more than :data:`MAX_UNTILED_PIXELS` (then :data:`DEFAULT_TILE`).
-            A tiled prediction keeps only one tile's raw outputs and the clustering candidates
-            in memory (:func:`embseg.predict.predict_labels_streamed`), so its peak memory grows
-            with the input, the labels and the foreground, not with float maps of the image;
-            the labels equal those of clustering the raw outputs of the whole image (up to
-            1-ulp rounding of the seediness, see there).
+            How a tiled image is clustered is ``clustering``'s choice.
         seed_thresh, fg_thresh, min_size
             Clustering thresholds; the model's tuned values by default.
         device
@@ -217,6 +214,15 @@ class Model:
             Also return the seed map.
         source
             What to call the image in error messages (e.g. its file name).
+        clustering
+            For a tiled image: ``"blocks"`` (default) clusters every tile on its own, grown by
+            an object halo (half the training crop), and keeps the objects seeded in it
+            (:func:`embseg.blockwise.predict_labels_blockwise`): peak memory is bounded by
+            the tile, beyond the input and the labels. ``"global"`` keeps the clustering
+            candidates of all tiles and clusters them at once
+            (:func:`embseg.predict.predict_labels_streamed`): exactly the labels of
+            clustering the whole image's raw outputs, with memory growing with the
+            foreground.
 
         Returns
         -------
@@ -225,9 +231,13 @@ class Model:
         seeds : np.ndarray, optional
             float32 seediness map, when ``return_seeds``.
         """
+        from embseg.blockwise import predict_labels_blockwise
         from embseg.cluster import seed_map
+        from embseg.distributed import default_object_halo
         from embseg.predict import predict_labels_streamed
 
+        if clustering not in ("blocks", "global"):
+            raise UserError(f"clustering must be 'blocks' or 'global', got {clustering!r}")
         check_thresholds(seed_thresh, fg_thresh, min_size)  # before the expensive part
         data = self.prepare(image, axes, source=source)
         tiles = _tile(tile_shape, self.ndim)
@@ -237,20 +247,26 @@ class Model:
             raw = self.predict_raw(data, tta=tta, device=device, normalized=True)
             labels = self.cluster(raw, seed_thresh=seed_thresh, fg_thresh=fg_thresh, min_size=min_size, tta=tta)
             return (labels, seed_map(raw)) if return_seeds else labels
-        # Tiled (a large image): never the raw outputs of the whole image in memory, only one
-        # tile's and the clustering candidates; the same labels as the one-pass route.
+        # Tiled (a large image): never the raw outputs of the whole image in memory.
         cfg = self.config
         default_seed, default_fg = cfg.thresholds(tta)
         dev = select_device(device)
         self.net.to(dev)
-        result = predict_labels_streamed(
-            self.net, data, self.ndim, cfg.grid_step,
+        common = dict(
             seed_thresh=default_seed if seed_thresh is None else seed_thresh,
             fg_thresh=default_fg if fg_thresh is None else fg_thresh,
             min_size=cfg.min_size if min_size is None else min_size,
-            tile_shape=tiles, halo=self.halo(), tta=tta, device=dev, amp=dev.type == "cuda",
-            return_seeds=return_seeds,
+            tta=tta, device=dev, amp=dev.type == "cuda", return_seeds=return_seeds,
         )
+        if clustering == "blocks":
+            result = predict_labels_blockwise(
+                self.net, data, self.ndim, cfg.grid_step, block_shape=tiles,
+                object_halo=default_object_halo(self), context=self.halo(), **common,
+            )
+        else:
+            result = predict_labels_streamed(
+                self.net, data, self.ndim, cfg.grid_step, tile_shape=tiles, halo=self.halo(), **common,
+            )
         if return_seeds:
             return relabel_sequential(result[0]), result[1]
         return relabel_sequential(result)

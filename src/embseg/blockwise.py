@@ -1,0 +1,185 @@
+"""Block-wise labels of an in-memory image: memory bounded by the block, not by the image.
+
+The image is cut into blocks (:func:`embseg.distributed.plan_blocks`, the geometry of the
+dask route): each block's cluster region (its core grown by ``object_halo``) gets its raw
+outputs from one network pass over the region grown by ``context``, is clustered on its own,
+and keeps only the objects whose seed lies in its core (:func:`embseg.distributed.owned_objects`).
+Those objects are pasted into the label image at once; where objects of two blocks claim the
+same pixel, the one later in the greedy clustering's seed order (lower seediness, ties by the
+seed's position in C order) wins, the rule of the dask merge. At the end the ids are renumbered
+``1..N`` in that seed order, slab by slab.
+
+What is held at a time: the input, the labels (and the seed map when asked for), one block's
+raw outputs and the network's activations for it, and per object three numbers. Unlike
+:func:`embseg.predict.predict_labels_streamed` (one global clustering of every candidate pixel,
+whose memory grows with the foreground) nothing grows with the image but the input and the
+output arrays. The price: the object halo is computed by two blocks, and an object farther
+than ``object_halo`` from its seed is cut at its block's cluster region (counted, and warned
+about). With objects within the halo that do not compete for pixels, the labels equal those of
+the global clustering up to the numbering of ids.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from embseg.cluster import cluster, seed_map
+from embseg.distributed import Block, owned_objects, plan_blocks
+from embseg.predict import predict_raw
+
+#: Rows (along the first spatial axis) renumbered at a time in the final pass.
+_SLAB_PIXELS = 1 << 22
+
+
+def _region(image: np.ndarray, block: Block) -> np.ndarray:
+    """The block's read region of ``image`` (channel-first), reflect-padded past the image."""
+    region = np.asarray(image[(slice(None), *block.read)], dtype=np.float32)
+    if any(before or after for before, after in block.pad):
+        region = np.pad(region, [(0, 0), *block.pad], mode="reflect")
+    return region
+
+
+def paste_objects(
+    labels: np.ndarray,
+    crop: np.ndarray,
+    offset: Sequence[int],
+    ids: np.ndarray,
+    value: np.ndarray,
+    flat: np.ndarray,
+) -> None:
+    """Write a block's objects into ``labels`` in place; overlaps go to the later object.
+
+    Parameters
+    ----------
+    labels
+        Label image holding provisional ids (0 = background).
+    crop
+        The block's objects, ids ``1..k`` (0 elsewhere), placed at ``offset``.
+    offset
+        Index in ``labels`` of ``crop``'s first pixel.
+    ids
+        ``(k,)`` provisional id in ``labels`` of each object of ``crop``.
+    value, flat
+        Seediness and flat seed index of every provisional id (index 0 unused): an object is
+        later in the seed order when its seediness is lower, or equal with a larger index.
+    """
+    if crop.size == 0:
+        return
+    box = tuple(slice(int(o), int(o) + n) for o, n in zip(offset, crop.shape, strict=True))
+    view = labels[box]
+    mask = crop > 0
+    new = ids[crop[mask].astype(np.int64) - 1]
+    old = view[mask]
+    take = old == 0
+    clash = ~take
+    if clash.any():
+        o, n = old[clash].astype(np.int64), new[clash]
+        take[clash] = (value[n] < value[o]) | ((value[n] == value[o]) & (flat[n] > flat[o]))
+    old[take] = new[take]
+    view[mask] = old
+
+
+def predict_labels_blockwise(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    ndim: int,
+    step: Sequence[float],
+    seed_thresh: float = 0.9,
+    fg_thresh: float = 0.5,
+    min_size: int = 10,
+    block_shape: int | Sequence[int] = 256,
+    object_halo: int | Sequence[int] = 32,
+    context: int | Sequence[int] = 0,
+    tta: bool = False,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    batch_size: int | None = None,
+    progress: bool = False,
+    return_seeds: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Labels of an image block by block (see the module docstring).
+
+    Parameters
+    ----------
+    net, image, ndim, step, tta, device, amp, batch_size, progress
+        As for :func:`embseg.predict.predict_raw`; ``image`` is channel-first and normalised.
+    seed_thresh, fg_thresh, min_size
+        As for :func:`embseg.cluster.cluster`.
+    block_shape
+        Core shape per axis (one int for all), rounded up to a multiple of 8.
+    object_halo
+        Largest distance (pixels per axis) from an object's seed to its farthest pixel.
+    context
+        Network context read around each cluster region (``Model.halo()``).
+    return_seeds
+        Also return the seed map.
+
+    Returns
+    -------
+    labels : numpy.ndarray
+        ``uint32`` labels, ids ``1..N`` in the greedy seed order.
+    seed : numpy.ndarray, optional
+        ``float32`` seediness, when ``return_seeds``.
+    """
+    from tqdm.auto import tqdm
+
+    spatial = tuple(int(n) for n in image.shape[1:])
+    if len(spatial) != ndim or len(step) != ndim:
+        raise ValueError(f"image of shape {image.shape} and step {list(step)} for {ndim} spatial axes")
+    blocks = plan_blocks(spatial, block_shape, object_halo, context)
+    labels = np.zeros(spatial, dtype=np.uint32)
+    seeds = np.zeros(spatial, dtype=np.float32) if return_seeds else None
+    value = [np.zeros(1, np.float64)]  # per provisional id (index 0 unused)
+    flat = [np.zeros(1, np.int64)]
+    n_objects = n_cut = 0
+    for block in tqdm(blocks, desc="blocks", unit="block", disable=not progress or len(blocks) == 1):
+        raw = predict_raw(net, _region(image, block), ndim, tta=tta, device=device, amp=amp,
+                          batch_size=batch_size)
+        if seeds is not None:
+            core = tuple(slice(c.start - r.start + before, c.stop - r.start + before)
+                         for c, r, (before, _) in zip(block.core, block.read, block.pad, strict=True))
+            seeds[block.core] = seed_map(raw[(slice(None), *core)])
+        raw = raw[(slice(None), *block.cluster_in_padded)].contiguous()
+        local, local_seeds = cluster(raw, step, seed_thresh=seed_thresh, fg_thresh=fg_thresh,
+                                     min_size=min_size, origin=[s.start for s in block.cluster],
+                                     return_seeds=True)
+        objects = owned_objects(local, local_seeds, seed_map(raw), block, spatial)
+        del raw, local
+        k = objects.seed_value.size
+        if k == 0:
+            continue
+        ids = np.arange(n_objects + 1, n_objects + k + 1, dtype=np.int64)
+        value.append(objects.seed_value.astype(np.float64))
+        flat.append(np.ravel_multi_index(tuple(objects.seed_position.T), spatial).astype(np.int64))
+        paste_objects(labels, objects.labels, objects.offset, ids, np.concatenate(value), np.concatenate(flat))
+        n_objects += k
+        n_cut += int(objects.cut.sum())
+    if n_cut:
+        warnings.warn(f"{n_cut} object(s) reach the edge of their block's halo and may be cut; "
+                      f"raise the object halo (now {object_halo})", stacklevel=2)
+    if n_objects:
+        _renumber(labels, np.concatenate(value), np.concatenate(flat))
+    return (labels, seeds) if return_seeds else labels
+
+
+def _slabs(shape: Sequence[int]) -> list[slice]:
+    per_row = max(1, int(np.prod(shape[1:])))
+    rows = max(1, _SLAB_PIXELS // per_row)
+    return [slice(i, min(i + rows, shape[0])) for i in range(0, shape[0], rows)]
+
+
+def _renumber(labels: np.ndarray, value: np.ndarray, flat: np.ndarray) -> None:
+    """Provisional ids -> ``1..N`` by seed order, dropping ids no pixel kept; in place, by slabs."""
+    counts = np.zeros(value.size, dtype=np.int64)
+    for rows in _slabs(labels.shape):
+        counts += np.bincount(labels[rows].ravel(), minlength=value.size)
+    kept = np.flatnonzero(counts[1:]) + 1
+    kept = kept[np.lexsort((flat[kept], -value[kept]))]
+    lut = np.zeros(value.size, dtype=labels.dtype)
+    lut[kept] = np.arange(1, kept.size + 1, dtype=labels.dtype)
+    for rows in _slabs(labels.shape):
+        labels[rows] = lut[labels[rows]]
