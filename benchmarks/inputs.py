@@ -32,7 +32,7 @@ QCANET = DATA / "qcanet_embryo_3d" / "train"
 USIIGACI = DATA / "usiigaci" / "train"
 
 #: Bump when the inputs change, so that cached inputs are rebuilt.
-VERSION = 8
+VERSION = 9
 ANISOTROPY_QCANET = 2.18
 STEP_2D = 1.0 / 1023.0  # reference default grid 1024, pixel 1
 
@@ -91,8 +91,9 @@ def densest_window(mask: np.ndarray, size: int, stride: int = 32) -> tuple[int, 
 
 
 def object_crops(
-    image: np.ndarray, mask: np.ndarray, size: tuple[int, ...], n: int, rng: np.random.Generator
-) -> list[tuple[np.ndarray, np.ndarray]]:
+    image: np.ndarray, mask: np.ndarray, size: tuple[int, ...], n: int, rng: np.random.Generator,
+    with_origin: bool = False,
+) -> list[tuple]:
     """Crops of ``size`` centred on ``n`` random objects (clipped to the image), like the
     reference's one-crop-per-object preprocessing."""
     from scipy import ndimage
@@ -105,7 +106,7 @@ def object_crops(
     for c in centroids:
         origin = [int(np.clip(round(ci - s / 2), 0, dim - s)) for ci, s, dim in zip(c, size, mask.shape, strict=True)]
         box = tuple(slice(o, o + s) for o, s in zip(origin, size, strict=True))
-        out.append((image[box], mask[box]))
+        out.append((image[box], mask[box], origin) if with_origin else (image[box], mask[box]))
     return out
 
 
@@ -429,17 +430,21 @@ def build_predict(folder: Path, quick: bool, rng: np.random.Generator, ndim: int
 
 def build_medoid(folder: Path, quick: bool, rng: np.random.Generator) -> None:
     n_images, size = (3, 96) if quick else (10, 96)
-    crops, ids_full = [], []
-    for _, _, mask in dsb_sorted(n_images, size):
+    crops, ids_full, masks, image_index, origins = [], [], {}, [], []
+    for k, (_, _, mask) in enumerate(dsb_sorted(n_images, size)):
         ids = np.unique(mask)
         ids = ids[ids > 0]
-        for _, m in object_crops(mask, mask, (size, size), len(ids), rng):
+        masks[f"mask_{k}"] = mask.astype(np.int32)
+        for _, m, origin in object_crops(mask, mask, (size, size), len(ids), rng, with_origin=True):
             crops.append(m.astype(np.int32))
             ids_full.append(ids.astype(np.int32))
+            image_index.append(k)
+            origins.append(origin)
     offsets = np.cumsum([0] + [len(i) for i in ids_full])
     meta = {"ndim": 2, "n_crops": len(crops), "n_images": n_images,
             "desc": f"{len(crops)} object-centred {size}² crops of {n_images} DSB images"}
-    _save(folder, meta, crops=np.stack(crops), ids_full=np.concatenate(ids_full), ids_offsets=offsets)
+    _save(folder, meta, crops=np.stack(crops), ids_full=np.concatenate(ids_full), ids_offsets=offsets,
+          image_index=np.array(image_index, np.int64), origins=np.array(origins, np.int64), **masks)
 
 
 BUILDERS = {

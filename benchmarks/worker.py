@@ -330,11 +330,32 @@ def bench_medoid(impl: str, folder: Path, meta: dict):
 
         return run, {"extra": run_pipeline}
     from embseg.centers import center_image, object_centers
+    from embseg.data import ObjectTable
+
+    masks = [load(folder, f"mask_{k}") for k in range(meta["n_images"])]
+    image_index, origins = load(folder, "image_index"), load(folder, "origins")
 
     def run():
+        """What the training data pipeline does (embseg.data): whole-object medoids once per
+        object (batched per image), reused by every crop that holds the object whole; objects
+        cut by a crop border get the medoid of their visible part."""
+        table = ObjectTable(masks, center_method="medoid")
+        table.precompute_centers()
+        out = np.zeros(crops.shape, dtype=bool)
+        for i, (k, origin) in enumerate(zip(image_index, origins, strict=True)):
+            box = tuple(slice(int(o), int(o) + n) for o, n in zip(origin, crops.shape[1:], strict=True))
+            mask_crop = table.masks[k][box]
+            present = np.flatnonzero(np.bincount(mask_crop.ravel()))
+            present = present[present > 0]
+            centers = table.crop_centers(int(k), origin, mask_crop, present)
+            out[i][tuple(centers.T)] = True
+        return out
+
+    def run_per_crop():
+        """Each crop on its own (every object's medoid recomputed in every crop)."""
         return np.stack([center_image(c, object_centers(c, "medoid")) > 0 for c in crops])
 
-    return run, {}
+    return run, {"extra": run_per_crop}
 
 
 def make(bench: str, impl: str, folder: Path, meta: dict):

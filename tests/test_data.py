@@ -160,6 +160,26 @@ def test_object_table_matches_where():
         assert tuple(table.center(int(row))) == expected[int(table.ids[row])]
     table.precompute_centers()
     assert table._known.all()
+    # the batched precompute gives every object the centre the lazy per-object path gives
+    for method in ("medoid", "approximate_medoid", "centroid"):
+        eager = ObjectTable(masks, center_method=method, spacing=(1.5, 1.0))
+        lazy = ObjectTable(masks, center_method=method, spacing=(1.5, 1.0))
+        eager.precompute_centers()
+        for row in range(len(lazy)):
+            np.testing.assert_array_equal(eager.center(row), lazy.center(row))
+
+
+def test_crop_centers_reuse_whole_objects_and_recompute_cut_ones():
+    mask = np.zeros((40, 40), np.int32)
+    mask[5:15, 5:15] = 1  # inside the crop
+    mask[18:30, 25:40] = 2  # cut by the crop's right border
+    table = ObjectTable([mask], center_method="medoid")
+    origin = np.array([2, 2])
+    crop = mask[2:34, 2:32]
+    centers = table.crop_centers(0, origin, crop, np.array([1, 2]))
+    assert tuple(centers[0] + origin) == object_centers(mask)[1]
+    assert tuple(centers[1]) == object_centers(crop)[2]  # the visible part's medoid
+    assert crop[tuple(centers[1])] == 2
 
 
 # -- augmentation ---------------------------------------------------------------------------

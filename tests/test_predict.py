@@ -361,3 +361,19 @@ def test_model_predict_tiled_route_equals_one_pass_clustering():
     tiled, seeds = model.predict(raw, axes="CZYX", tile_shape=(8, 16, 16), device="cpu", return_seeds=True)
     np.testing.assert_array_equal(tiled, one_pass)
     assert tiled.max() >= 10 and seeds.shape == tiled.shape
+
+
+@pytest.mark.parametrize("channels_last_net", [False, True])
+def test_inference_gives_back_the_very_parameter_tensors(channels_last_net):
+    """A net in training (e.g. channels-last weights with fused Adam state) must come out of a
+    prediction with the same parameter memory and strides it went in with."""
+    net = StandInNet(2)
+    if channels_last_net:
+        net = net.to(memory_format=torch.channels_last)
+    net.train()
+    before = [(p.data_ptr(), p.stride()) for p in net.parameters()]
+    image = np.random.default_rng(0).normal(size=(1, 32, 40)).astype(np.float32)
+    for channels_last in (False, True):
+        predict_raw(net, image, 2, channels_last=channels_last)
+        assert [(p.data_ptr(), p.stride()) for p in net.parameters()] == before
+    assert net.training

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from embseg.centers import _check_method, center_of, check_labels, object_slices
+from embseg.centers import _check_method, center_of, check_labels, object_centers, object_slices
 from embseg.errors import UserError
 
 #: Foreground weight of the seed loss in 2D (the original's constant).
@@ -233,9 +233,39 @@ class ObjectTable:
         return self._centers[row]
 
     def precompute_centers(self) -> None:
-        """Compute all centres now (e.g. before forking data-loader workers)."""
-        for row in np.flatnonzero(~self._known):
-            self.center(int(row))
+        """Compute all centres now (e.g. before forking data-loader workers): one
+        :func:`embseg.centers.object_centers` call per image (its medoids are batched FFTs)."""
+        for k in np.unique(self.image_index[~self._known]):
+            centers = object_centers(self.masks[k], self.center_method, self.spacing)
+            rows = np.flatnonzero((self.image_index == k) & ~self._known)
+            self._centers[rows] = [centers[int(i)] for i in self.ids[rows]]
+            self._known[rows] = True
+
+    def crop_centers(self, image_index: int, origin: Sequence[int], mask_crop: np.ndarray,
+                     present: np.ndarray) -> np.ndarray:
+        """Centres ``(K, D)``, in crop coordinates, of the objects ``present`` in a crop.
+
+        An object wholly inside the crop keeps its whole-object centre (cached, computed once
+        per object however many crops hold it); an object cut by the crop border gets the
+        centre of its visible part (``mask_crop``, the crop of image ``image_index`` at
+        ``origin``).
+        """
+        origin = np.asarray(origin, dtype=np.int64)
+        crop = np.array(mask_crop.shape)
+        rows = self.row_of[image_index][present]
+        starts, stops = self.starts[rows], self.stops[rows]
+        inside = np.all(starts >= origin, axis=1) & np.all(stops <= origin + crop, axis=1)
+        centers = np.empty((len(present), self.ndim), dtype=np.int64)
+        for k, row in enumerate(rows):
+            if inside[k]:
+                centers[k] = self.center(int(row)) - origin
+                continue
+            lo = np.maximum(starts[k] - origin, 0)
+            hi = np.minimum(stops[k] - origin, crop)
+            window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+            coords = np.argwhere(mask_crop[window] == present[k]) + lo
+            centers[k] = center_of(coords, self.center_method, self.spacing)
+        return centers
 
 
 def random_dihedral(
@@ -433,28 +463,6 @@ class TrainingCrops(Dataset):
         mask_crop[dst] = mask[src]
         return image_crop, mask_crop
 
-    def _centers(
-        self, image_index: int, origin: np.ndarray, mask_crop: np.ndarray, present: np.ndarray
-    ) -> np.ndarray:
-        """Centres ``(K, D)`` in crop coordinates of the objects ``present`` in the crop."""
-        table = self.table
-        crop = np.array(self.crop_size)
-        rows = table.row_of[image_index][present]
-        starts, stops = table.starts[rows], table.stops[rows]
-        inside = np.all(starts >= origin, axis=1) & np.all(stops <= origin + crop, axis=1)
-        centers = np.empty((len(present), self.ndim), dtype=np.int64)
-        for k, row in enumerate(rows):
-            if inside[k]:
-                centers[k] = table.center(int(row)) - origin
-                continue
-            # cut by the crop border: the centre of the visible part
-            lo = np.maximum(starts[k] - origin, 0)
-            hi = np.minimum(stops[k] - origin, crop)
-            window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-            coords = np.argwhere(mask_crop[window] == present[k]) + lo
-            centers[k] = center_of(coords, table.center_method, table.spacing)
-        return centers
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.samples_per_epoch:
             raise IndexError(index)
@@ -469,7 +477,7 @@ class TrainingCrops(Dataset):
         instances = lookup[mask_crop]
         centers_image = np.zeros(self.crop_size, dtype=np.int64)
         if len(present):
-            centers = self._centers(image_index, origin, mask_crop, present)
+            centers = self.table.crop_centers(image_index, origin, mask_crop, present)
             centers_image[tuple(centers.T)] = np.arange(1, len(present) + 1)
         if self.augment:
             ops = random_dihedral(self.ndim, rng, self.crop_size[-1] == self.crop_size[-2])

@@ -39,7 +39,8 @@ How it is computed, without a Python loop over images or objects:
   without the float cancellation of the difference.
 
 Host synchronisations (they matter on a GPU only): reading the largest id when ``max_label`` is
-not given (the data loader's collate can compute it on the CPU), and the size of the selection
+not given (the data loader's collate can compute it on the CPU), whether some object has no
+marked centre pixel (then the mean of its pixels is its centre), and the size of the selection
 (``nonzero``, the grid shape and run lengths of the grid search, the widest row).
 """
 
@@ -123,19 +124,28 @@ def _objects(
     # Centres: mean coordinate of the pixels marked in `centers` (one per object from the data
     # pipeline), else the mean coordinate of the object's pixels. Sums in float64: exact enough
     # for means over large objects.
-    grid = coordinates(spatial, step, device=device, dtype=torch.float64).reshape(1, ndim, n_pixels)
-    grid = grid.expand(batch, ndim, n_pixels)
-    zeros64 = torch.zeros(batch, ndim, slots, dtype=torch.float64, device=device)
-    centre_sum = zeros64.scatter_add(2, centre_ids.unsqueeze(1).expand(batch, ndim, n_pixels), grid)
-    centre_count = torch.zeros(batch, slots, dtype=torch.float64, device=device).scatter_add_(
-        1, centre_ids, torch.ones((), dtype=torch.float64, device=device).expand(batch, n_pixels)
-    )
-    member_sum = zeros64.scatter_add(2, per_axis, grid)
-    centre = torch.where(
-        centre_count.unsqueeze(1) > 0,
-        centre_sum / centre_count.clamp(min=1).unsqueeze(1),
-        member_sum / counts.to(torch.float64).clamp(min=1).unsqueeze(1),
-    ).to(dtype)
+    # Only the marked pixels are visited (a few per crop), and the member means only when some
+    # object has no marked pixel.
+    grid = coordinates(spatial, step, device=device, dtype=torch.float64).reshape(ndim, n_pixels)
+    marked_image, marked_pixel = centre_ids.nonzero(as_tuple=True)
+    marked_id = centre_ids[marked_image, marked_pixel]
+    marked_slot = marked_image * slots + marked_id
+    centre_sum = torch.zeros(ndim, batch * slots, dtype=torch.float64, device=device).index_add_(
+        1, marked_slot, grid.index_select(1, marked_pixel)
+    ).view(ndim, batch, slots).transpose(0, 1)
+    centre_count = torch.zeros(batch * slots, dtype=torch.float64, device=device).index_add_(
+        0, marked_slot, torch.ones_like(marked_slot, dtype=torch.float64)
+    ).view(batch, slots)
+    centre = centre_sum / centre_count.clamp(min=1).unsqueeze(1)
+    unmarked = (centre_count[:, 1:] == 0) & (counts[:, 1:] > 0)
+    if bool(unmarked.any()):  # host sync
+        member_sum = torch.zeros(batch, ndim, slots, dtype=torch.float64, device=device).scatter_add_(
+            2, per_axis, grid.unsqueeze(0).expand(batch, ndim, n_pixels)
+        )
+        centre = torch.where(
+            centre_count.unsqueeze(1) > 0, centre, member_sum / counts.to(torch.float64).clamp(min=1).unsqueeze(1)
+        )
+    centre = centre.to(dtype)
     s = bandwidth(sigma_bar)
     return _Objects(labels, counts, counts[:, 1:] > 0, emb, sigmas, sigma_bar, centre, s)
 

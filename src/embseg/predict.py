@@ -145,15 +145,6 @@ def default_channels_last(device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu"
 
 
-def is_channels_last(net: torch.nn.Module, ndim: int) -> bool:
-    """Whether the convolution weights of ``net`` are in the channels-last layout."""
-    fmt = _memory_format(ndim)
-    for p in net.parameters():
-        if p.dim() == ndim + 2 and not p.is_contiguous():
-            return p.is_contiguous(memory_format=fmt)
-    return False
-
-
 def _tile_input(
     image: np.ndarray, tile: Tile, device: torch.device, channels_last: bool = False
 ) -> torch.Tensor:
@@ -313,17 +304,20 @@ def _inference(
     """The network on ``device`` in eval mode (optionally channels-last), inference mode and
     autocast; the module's mode and parameter layout are restored afterwards."""
     was_training = net.training
-    was_channels_last = is_channels_last(net, ndim)
     net.to(device).eval()
-    if channels_last != was_channels_last:
-        net.to(memory_format=_memory_format(ndim) if channels_last else torch.contiguous_format)
+    # The parameters' own tensors are put back afterwards (not a layout conversion): a net in
+    # training keeps exactly the strides its optimizer state was made with (fused Adam walks
+    # parameter and state memory in lockstep).
+    saved = [(p, p.data) for p in net.parameters()] if channels_last else []
+    if channels_last:
+        net.to(memory_format=_memory_format(ndim))
     try:
         with torch.inference_mode(), _autocast(device, amp):
             yield
     finally:
         net.train(was_training)
-        if channels_last != was_channels_last:
-            net.to(memory_format=_memory_format(ndim) if was_channels_last else torch.contiguous_format)
+        for param, data in saved:
+            param.data = data
 
 
 def _check_args(
