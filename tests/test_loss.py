@@ -330,9 +330,23 @@ def test_grid_selection_equals_dense_selection(ndim, phi_cutoff):
         own = _own_likelihood(objects)
         grid = _select_pairs(objects, own, phi_cutoff)
         dense = _select_pairs_dense(objects, own, phi_cutoff)
-        assert torch.equal(grid, dense)
+        assert torch.equal(torch.sort(grid).values, dense)  # the same pairs, each once
         n_pruned += grid.numel() < 0.5 * objects.present.sum() * instances[0].numel()
     assert n_pruned >= 1  # some regime really prunes
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("phi_cutoff", [0.0, 1e-12])
+def test_few_ids_selection_equals_dense_selection(ndim, phi_cutoff):
+    instances, centers, step, rng, shape = synthetic_batch(ndim, seed=3)
+    assert int(instances.max()) <= _DENSE_MAX_IDS
+    raw = make_raw(rng, 3, ndim, shape, torch.float32, offset_scale=0.05, sigma_mean=0.3)
+    objects = _objects(raw, instances, centers, step, None)
+    own = _own_likelihood(objects)
+    fast = _select_pairs(objects, own, phi_cutoff)
+    dense = _select_pairs_dense(objects, own, phi_cutoff)
+    assert dense.numel() > 0
+    assert torch.equal(torch.sort(fast).values, dense)
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

@@ -184,13 +184,20 @@ def _exponent(objects: _Objects) -> torch.Tensor:
 
 
 def _own_likelihood(objects: _Objects) -> torch.Tensor:
-    """``(B, N)`` likelihood of every pixel for its own object (background pixels: slot 0, unused)."""
+    """``(B, N)`` likelihood of every foreground pixel for its own object (0 on background).
+
+    Computed on the foreground pixels only (often a few % of a crop), with the same arithmetic
+    per pixel as on the whole map.
+    """
     labels = objects.labels
-    batch, ndim, n_pixels = objects.emb.shape
-    index = labels.unsqueeze(1).expand(batch, ndim, n_pixels)
-    own_centre = objects.centre.gather(2, index)
-    own_s = objects.bandwidth.detach().gather(2, index)
-    return likelihood(objects.emb.detach().transpose(0, 1), own_centre.transpose(0, 1), own_s.transpose(0, 1))
+    batch, _, n_pixels = objects.emb.shape
+    image, pixel = (labels > 0).nonzero(as_tuple=True)
+    own = labels[image, pixel]
+    emb = objects.emb.detach()[image, :, pixel]  # (F, D)
+    centre = objects.centre[image, :, own]
+    s = objects.bandwidth.detach()[image, :, own]
+    phi = likelihood(emb.T, centre.T, s.T)
+    return torch.zeros(batch, n_pixels, dtype=phi.dtype, device=phi.device).index_put_((image, pixel), phi)
 
 
 def _lovasz_weights(
@@ -207,7 +214,7 @@ def _lovasz_weights(
     fg
         ``(A,)`` bool labels.
     row
-        ``(A,)`` int64 row of each element, non-decreasing (the elements of a row contiguous).
+        ``(A,)`` int64 row of each element (any order).
     n_rows
         Number of rows.
     row_fg
@@ -228,6 +235,7 @@ def _lovasz_weights(
     start = torch.cumsum(per_row, 0) - per_row
     width = int(per_row.max())
     order = _row_descending_order(errors, row)
+    row = row.index_select(0, order)  # now non-decreasing: the rows of the sorted elements
     fg_sorted = fg.index_select(0, order)
     # Counts are exact integers in float32 below 2**24.
     count_dtype = errors.dtype if width < 2**24 else torch.float64
@@ -247,8 +255,8 @@ def _lovasz_weights(
 
 
 def _row_descending_order(errors: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """Permutation sorting flat elements by ``row`` (non-decreasing already), then by
-    decreasing ``errors`` within a row; one flat sort, no padding to the widest row.
+    """Permutation sorting flat elements by ``row``, then by decreasing ``errors`` within a
+    row; one flat sort, no padding to the widest row.
 
     Hinge errors are ``>= 0``, and the bit patterns of non-negative float32 values order as the
     values, so in float32 one int64 key ``(row, ~bits)`` does it; otherwise two stable sorts.
@@ -473,7 +481,8 @@ def _query_limit(objects: _Objects, own_phi: torch.Tensor, phi_cutoff: float) ->
 
 
 def _select_pairs(objects: _Objects, own_phi: torch.Tensor, phi_cutoff: float) -> torch.Tensor:
-    """Flat indices ``(A,)`` into ``(B, K, N)`` of the (object, pixel) pairs for the Lovasz hinge.
+    """Flat indices ``(A,)`` into ``(B, K, N)`` of the (object, pixel) pairs for the Lovasz hinge
+    (each pair once, in no particular order).
 
     Every foreground pixel of its own object, and the background pixels with exponent
     ``q < limit`` (:func:`_query_limit`). Background pixels below the bound sort after all of the
@@ -489,16 +498,22 @@ def _select_pairs(objects: _Objects, own_phi: torch.Tensor, phi_cutoff: float) -
     emb = objects.emb.detach()
     batch, ndim, n_pixels = emb.shape
     n_ids = objects.present.shape[1]
-    if n_ids <= _DENSE_MAX_IDS:
-        return _select_pairs_dense(objects, own_phi, phi_cutoff)
     device = emb.device
     limit = _query_limit(objects, own_phi, phi_cutoff)
-    rows = objects.present.reshape(-1).nonzero().squeeze(1)  # b * K + k of the present objects
     # Members: every foreground pixel with its own object.
     labels = objects.labels.reshape(-1)
     fg_pixel = (labels > 0).nonzero().squeeze(1)
     fg_row = (fg_pixel // n_pixels) * n_ids + labels.index_select(0, fg_pixel) - 1
     members = fg_row * n_pixels + fg_pixel % n_pixels
+    if n_ids <= _DENSE_MAX_IDS:
+        # One dense pass over (B, K, N); absent objects get no candidates (limit -inf).
+        open_limit = torch.where(objects.present, limit, -math.inf)
+        chosen = (_exponent(objects) < open_limit.unsqueeze(2)).view(-1).nonzero().squeeze(1)
+        row = chosen // n_pixels
+        pixel = (row // n_ids) * n_pixels + chosen % n_pixels
+        own = labels.index_select(0, pixel) == row % n_ids + 1
+        return torch.cat([members, chosen[~own]])
+    rows = objects.present.reshape(-1).nonzero().squeeze(1)  # b * K + k of the present objects
     if rows.numel() == 0:
         return members
     centre = objects.centre[:, :, 1:].transpose(1, 2).reshape(-1, ndim).index_select(0, rows)
@@ -577,7 +592,7 @@ def _select_pairs(objects: _Objects, own_phi: torch.Tensor, phi_cutoff: float) -
     own = labels.index_select(0, cand_pixel) == cand_row % n_ids + 1
     keep = (q < row_limit.index_select(0, cand_obj)) & ~own
     chosen = cand_row[keep] * n_pixels + cand_pixel[keep] % n_pixels
-    return torch.sort(torch.cat([members, chosen])).values
+    return torch.cat([members, chosen])
 
 
 def _select_pairs_dense(objects: _Objects, own_phi: torch.Tensor, phi_cutoff: float) -> torch.Tensor:
