@@ -29,18 +29,21 @@ import torch
 
 from embseg.cluster import cluster, seed_map
 from embseg.distributed import Block, owned_objects, plan_blocks
-from embseg.predict import predict_raw
+from embseg.predict import TTATransform, _check_args, _inference, _tile_outputs, tta_transforms
+from embseg.tiling import Tile
 
 #: Rows (along the first spatial axis) renumbered at a time in the final pass.
 _SLAB_PIXELS = 1 << 22
 
 
-def _region(image: np.ndarray, block: Block) -> np.ndarray:
-    """The block's read region of ``image`` (channel-first), reflect-padded past the image."""
-    region = np.asarray(image[(slice(None), *block.read)], dtype=np.float32)
-    if any(before or after for before, after in block.pad):
-        region = np.pad(region, [(0, 0), *block.pad], mode="reflect")
-    return region
+def _as_tile(block: Block) -> Tile:
+    """The block as a tile of the prediction machinery: its core is the cluster region."""
+    return Tile(
+        index=(block.index,), core=block.cluster, read=block.read,
+        core_in_read=tuple(slice(c.start - r.start, c.stop - r.start)
+                           for c, r in zip(block.cluster, block.read, strict=True)),
+        pad=block.pad,
+    )
 
 
 def paste_objects(
@@ -125,8 +128,6 @@ def predict_labels_blockwise(
     seed : numpy.ndarray, optional
         ``float32`` seediness, when ``return_seeds``.
     """
-    from tqdm.auto import tqdm
-
     spatial = tuple(int(n) for n in image.shape[1:])
     if len(spatial) != ndim or len(step) != ndim:
         raise ValueError(f"image of shape {image.shape} and step {list(step)} for {ndim} spatial axes")
@@ -136,34 +137,45 @@ def predict_labels_blockwise(
     value = [np.zeros(1, np.float64)]  # per provisional id (index 0 unused)
     flat = [np.zeros(1, np.int64)]
     n_objects = n_cut = 0
-    for block in tqdm(blocks, desc="blocks", unit="block", disable=not progress or len(blocks) == 1):
-        raw = predict_raw(net, _region(image, block), ndim, tta=tta, device=device, amp=amp,
-                          batch_size=batch_size)
-        if seeds is not None:
-            core = tuple(slice(c.start - r.start + before, c.stop - r.start + before)
-                         for c, r, (before, _) in zip(block.core, block.read, block.pad, strict=True))
-            seeds[block.core] = seed_map(raw[(slice(None), *core)])
-        raw = raw[(slice(None), *block.cluster_in_padded)].contiguous()
-        local, local_seeds = cluster(raw, step, seed_thresh=seed_thresh, fg_thresh=fg_thresh,
-                                     min_size=min_size, origin=[s.start for s in block.cluster],
-                                     return_seeds=True)
-        objects = owned_objects(local, local_seeds, seed_map(raw), block, spatial)
-        del raw, local
-        k = objects.seed_value.size
-        if k == 0:
-            continue
-        ids = np.arange(n_objects + 1, n_objects + k + 1, dtype=np.int64)
-        value.append(objects.seed_value.astype(np.float64))
-        flat.append(np.ravel_multi_index(tuple(objects.seed_position.T), spatial).astype(np.int64))
-        paste_objects(labels, objects.labels, objects.offset, ids, np.concatenate(value), np.concatenate(flat))
-        n_objects += k
-        n_cut += int(objects.cut.sum())
+    device, batch_size, channels_last = _check_args(image, ndim, device, batch_size, None)
+    transforms = tta_transforms(ndim) if tta else [TTATransform(ndim)]
+    with _inference(net, device, amp, ndim, channels_last):
+        outputs = _tile_outputs(net, image, [_as_tile(b) for b in blocks], transforms, batch_size, device,
+                                progress, channels_last)
+        for block, (_, raw) in zip(blocks, outputs, strict=True):
+            n_objects, n_cut = _block_objects(block, raw, labels, seeds, value, flat, n_objects, n_cut,
+                                              step, seed_thresh, fg_thresh, min_size, spatial)
+            del raw
     if n_cut:
         warnings.warn(f"{n_cut} object(s) reach the edge of their block's halo and may be cut; "
                       f"raise the object halo (now {object_halo})", stacklevel=2)
     if n_objects:
         _renumber(labels, np.concatenate(value), np.concatenate(flat))
     return (labels, seeds) if return_seeds else labels
+
+
+def _block_objects(block: Block, raw: torch.Tensor, labels: np.ndarray, seeds: np.ndarray | None,
+                   value: list[np.ndarray], flat: list[np.ndarray], n_objects: int, n_cut: int,
+                   step: Sequence[float], seed_thresh: float, fg_thresh: float, min_size: int,
+                   spatial: tuple[int, ...]) -> tuple[int, int]:
+    """Cluster one block's raw outputs (its cluster region) and paste the objects it owns."""
+    if seeds is not None:
+        core = tuple(slice(c.start - r.start, c.stop - r.start)
+                     for c, r in zip(block.core, block.cluster, strict=True))
+        seeds[block.core] = seed_map(raw[(slice(None), *core)])
+    local, local_seeds = cluster(raw, step, seed_thresh=seed_thresh, fg_thresh=fg_thresh,
+                                 min_size=min_size, origin=[s.start for s in block.cluster],
+                                 return_seeds=True)
+    objects = owned_objects(local, local_seeds, seed_map(raw), block, spatial)
+    del local
+    k = objects.seed_value.size
+    if k == 0:
+        return n_objects, n_cut
+    ids = np.arange(n_objects + 1, n_objects + k + 1, dtype=np.int64)
+    value.append(objects.seed_value.astype(np.float64))
+    flat.append(np.ravel_multi_index(tuple(objects.seed_position.T), spatial).astype(np.int64))
+    paste_objects(labels, objects.labels, objects.offset, ids, np.concatenate(value), np.concatenate(flat))
+    return n_objects + k, n_cut + int(objects.cut.sum())
 
 
 def _slabs(shape: Sequence[int]) -> list[slice]:

@@ -145,17 +145,18 @@ def plan_blocks(
     ctx = tuple(_round_up(c) for c in per_axis(context, ndim, "context"))
     if any(b < 1 for b in blocks) or any(h < 0 for h in halo + ctx):
         raise UserError(f"block shape {blocks} must be positive and halos >= 0")
-    tiles = tile_grid(
-        shape, [_round_up(b) for b in blocks], [h + c for h, c in zip(halo, ctx, strict=True)],
-        align=ALIGN,
-    )
+    tiles = tile_grid(shape, [_round_up(b) for b in blocks], 0, align=ALIGN)
     out = []
     for i, tile in enumerate(tiles):
         cluster = tuple(
             slice(max(s.start - h, 0), min(s.stop + h, n))
             for s, h, n in zip(tile.core, halo, shape, strict=True)
         )
-        out.append(Block(i, tile.core, cluster, tile.read, tile.pad))
+        # The network's context around the cluster region; past the image, reflection by the
+        # context only (as tiled in-memory prediction pads), not by halo + context.
+        read = tuple(slice(max(c.start - x, 0), min(c.stop + x, n)) for c, x, n in zip(cluster, ctx, shape, strict=True))
+        pad = tuple((max(x - c.start, 0), max(c.stop + x - n, 0)) for c, x, n in zip(cluster, ctx, shape, strict=True))
+        out.append(Block(i, tile.core, cluster, read, pad))
     return out
 
 

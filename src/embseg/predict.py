@@ -179,7 +179,9 @@ def _tile_outputs(
     sums: dict[int, list] = {}
     batch: list[tuple[int, TTATransform, torch.Tensor]] = []
 
-    def run_batch() -> Iterator[tuple[Tile, torch.Tensor]]:
+    def run_batch() -> list[tuple[Tile, torch.Tensor]]:
+        # Finished cores are copied out and the batch's full-size outputs released before
+        # they are handed on (what the caller holds next is only the cores).
         x = torch.cat([item[2] for item in batch])
         y = net(x)
         if y.shape != (x.shape[0], n_channels, *x.shape[2:]):
@@ -187,17 +189,23 @@ def _tile_outputs(
                 f"network output {tuple(y.shape)} for input {tuple(x.shape)}; expected {n_channels} channels, same size"
             )
         y = y.float()
+        done = []
         for j, (position, transform, _) in enumerate(batch):
             raw = transform.inverse_raw(y[j : j + 1])[0]
             entry = sums[position]
             entry[0] = raw if entry[0] is None else entry[0] + raw
             entry[1] += 1
+            del raw
             if entry[1] == len(transforms):
                 del sums[position]
                 tile = tiles[position]
-                mean = entry[0] / len(transforms)
-                yield tile, mean[(slice(None), *tile.core_in_padded)].cpu()
+                mean = entry.pop(0)
+                if len(transforms) > 1:
+                    mean = mean / len(transforms)
+                done.append((tile, mean[(slice(None), *tile.core_in_padded)].contiguous().cpu()))
+                del mean
         batch.clear()
+        return done
 
     for position, tile in enumerate(tqdm(tiles, disable=not progress, desc="tiles", unit="tile")):
         x = _tile_input(image, tile, device, channels_last)
