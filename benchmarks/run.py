@@ -465,7 +465,9 @@ def main() -> None:
         write_report(out, combined, command, started, elapsed, (load0, load1), args.quick,
                      pending=[b.name for b in benches[len(results):]], merged_from=args.merge,
                      memory=last_memory)
-        (WORK / f"results-{'quick' if args.quick else 'full'}.json").write_text(json.dumps(combined, indent=1))
+        # a partial run (--only) never replaces the full run's results
+        kind = "quick" if args.quick else ("partial" if args.only and not args.merge else "full")
+        (WORK / f"results-{kind}.json").write_text(json.dumps(combined, indent=1))
     if run_memory:
         memory_started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
         last_memory = {"started": memory_started, "records": predict_memory.run_all(

@@ -358,6 +358,21 @@ def test_bad_predict_values(capsys, models, image, tmp_path, flags, expected):
     assert_user_error(predict(capsys, models["2d"], image, output=tmp_path / "out", extra=flags), expected)
 
 
+def test_predict_clustering_routes_from_the_cli(capsys, models, image, tmp_path):
+    import tifffile
+
+    shapes = []
+    for route in ("blocks", "global"):
+        code, _, err = predict(capsys, models["2d"], image, output=tmp_path / route,
+                               extra=("--tile-shape", "16", "--clustering", route))
+        assert code == 0, err
+        (written,) = sorted((tmp_path / route).glob("*.tif"))
+        shapes.append(tifffile.imread(written).shape)
+    assert shapes[0] == shapes[1]
+    assert_user_error(predict(capsys, models["2d"], image, output=tmp_path / "x", extra=("--clustering", "nearest")),
+                      "invalid choice")
+
+
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
