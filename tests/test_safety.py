@@ -295,7 +295,11 @@ def test_huge_2d_image_predicts_through_tiles():
     assert labels.shape == (8192, 8192) and labels.dtype == np.uint32 and labels.max() == 0
     shapes = model.net.shapes
     assert sum(s[0] for s in shapes) == 64  # 8 x 8 tiles of 1024^2
-    assert max(max(s[2:]) for s in shapes) <= 1024 + 2 * 96  # core + halo, never the whole image
+    # block-wise clustering: core + object halo + network context, never the whole image
+    from embseg.distributed import default_object_halo
+
+    reach = max(default_object_halo(model)) + model.halo()
+    assert max(max(s[2:]) for s in shapes) <= 1024 + 2 * reach < 8192
 
 
 # --------------------------------------------------------------------------------- info
