@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from embseg.cluster import cluster, seed_map
-from embseg.distributed import Block, owned_objects, plan_blocks
+from embseg.distributed import Block, BlockObjects, owned_objects, plan_blocks
 from embseg.predict import TTATransform, _check_args, _inference, _tile_outputs, tta_transforms
 from embseg.tiling import Tile
 
@@ -132,50 +132,60 @@ def predict_labels_blockwise(
     if len(spatial) != ndim or len(step) != ndim:
         raise ValueError(f"image of shape {image.shape} and step {list(step)} for {ndim} spatial axes")
     blocks = plan_blocks(spatial, block_shape, object_halo, context)
-    labels = np.zeros(spatial, dtype=np.uint32)
+    merged = _Merge(spatial)
     seeds = np.zeros(spatial, dtype=np.float32) if return_seeds else None
-    value = [np.zeros(1, np.float64)]  # per provisional id (index 0 unused)
-    flat = [np.zeros(1, np.int64)]
-    n_objects = n_cut = 0
     device, batch_size, channels_last = _check_args(image, ndim, device, batch_size, None)
     transforms = tta_transforms(ndim) if tta else [TTATransform(ndim)]
     with _inference(net, device, amp, ndim, channels_last):
         outputs = _tile_outputs(net, image, [_as_tile(b) for b in blocks], transforms, batch_size, device,
                                 progress, channels_last)
         for block, (_, raw) in zip(blocks, outputs, strict=True):
-            n_objects, n_cut = _block_objects(block, raw, labels, seeds, value, flat, n_objects, n_cut,
-                                              step, seed_thresh, fg_thresh, min_size, spatial)
+            seediness = seed_map(raw)
+            if seeds is not None:
+                core = tuple(slice(c.start - r.start, c.stop - r.start)
+                             for c, r in zip(block.core, block.cluster, strict=True))
+                seeds[block.core] = seediness[core]
+            local, local_seeds = cluster(raw, step, seed_thresh=seed_thresh, fg_thresh=fg_thresh,
+                                         min_size=min_size, origin=[s.start for s in block.cluster],
+                                         return_seeds=True)
             del raw
-    if n_cut:
-        warnings.warn(f"{n_cut} object(s) reach the edge of their block's halo and may be cut; "
+            merged.add(owned_objects(local, local_seeds, seediness, block, spatial))
+    if merged.n_cut:
+        warnings.warn(f"{merged.n_cut} object(s) reach the edge of their block's halo and may be cut; "
                       f"raise the object halo (now {object_halo})", stacklevel=2)
-    if n_objects:
-        _renumber(labels, np.concatenate(value), np.concatenate(flat))
+    labels = merged.finish()
     return (labels, seeds) if return_seeds else labels
 
 
-def _block_objects(block: Block, raw: torch.Tensor, labels: np.ndarray, seeds: np.ndarray | None,
-                   value: list[np.ndarray], flat: list[np.ndarray], n_objects: int, n_cut: int,
-                   step: Sequence[float], seed_thresh: float, fg_thresh: float, min_size: int,
-                   spatial: tuple[int, ...]) -> tuple[int, int]:
-    """Cluster one block's raw outputs (its cluster region) and paste the objects it owns."""
-    if seeds is not None:
-        core = tuple(slice(c.start - r.start, c.stop - r.start)
-                     for c, r in zip(block.core, block.cluster, strict=True))
-        seeds[block.core] = seed_map(raw[(slice(None), *core)])
-    local, local_seeds = cluster(raw, step, seed_thresh=seed_thresh, fg_thresh=fg_thresh,
-                                 min_size=min_size, origin=[s.start for s in block.cluster],
-                                 return_seeds=True)
-    objects = owned_objects(local, local_seeds, seed_map(raw), block, spatial)
-    del local
-    k = objects.seed_value.size
-    if k == 0:
-        return n_objects, n_cut
-    ids = np.arange(n_objects + 1, n_objects + k + 1, dtype=np.int64)
-    value.append(objects.seed_value.astype(np.float64))
-    flat.append(np.ravel_multi_index(tuple(objects.seed_position.T), spatial).astype(np.int64))
-    paste_objects(labels, objects.labels, objects.offset, ids, np.concatenate(value), np.concatenate(flat))
-    return n_objects + k, n_cut + int(objects.cut.sum())
+class _Merge:
+    """The label image being assembled: provisional ids in paste order, and per id the
+    seediness and flat seed index that order them (index 0 unused)."""
+
+    def __init__(self, spatial: tuple[int, ...]) -> None:
+        self.spatial = spatial
+        self.labels = np.zeros(spatial, dtype=np.uint32)
+        self.value = np.zeros(1, np.float64)
+        self.flat = np.zeros(1, np.int64)
+        self.n_cut = 0
+
+    def add(self, objects: BlockObjects) -> None:
+        """Paste the objects one block owns."""
+        k = objects.seed_value.size
+        if k == 0:
+            return
+        ids = np.arange(self.value.size, self.value.size + k, dtype=np.int64)
+        self.value = np.concatenate([self.value, objects.seed_value.astype(np.float64)])
+        self.flat = np.concatenate([
+            self.flat, np.ravel_multi_index(tuple(objects.seed_position.T), self.spatial).astype(np.int64),
+        ])
+        paste_objects(self.labels, objects.labels, objects.offset, ids, self.value, self.flat)
+        self.n_cut += int(objects.cut.sum())
+
+    def finish(self) -> np.ndarray:
+        """The labels with ids ``1..N`` in seed order."""
+        if self.value.size > 1:
+            _renumber(self.labels, self.value, self.flat)
+        return self.labels
 
 
 def _slabs(shape: Sequence[int]) -> list[slice]:

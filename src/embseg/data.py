@@ -259,14 +259,7 @@ class ObjectTable:
         for k in np.flatnonzero(inside):
             centers[k] = self.center(int(rows[k])) - origin
         cut = np.flatnonzero(~inside)
-        if len(cut) == 1:
-            k = int(cut[0])
-            lo = np.maximum(starts[k] - origin, 0)
-            hi = np.minimum(stops[k] - origin, crop)
-            window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-            coords = np.argwhere(mask_crop[window] == present[k]) + lo
-            centers[k] = center_of(coords, self.center_method, self.spacing)
-        elif len(cut):  # the visible parts of all cut objects at once (batched medoids)
+        if len(cut):  # the visible parts of all cut objects at once (batched medoids)
             visible = np.where(np.isin(mask_crop, present[cut]), mask_crop, 0)
             found = object_centers(visible, self.center_method, self.spacing)
             for k in cut:
