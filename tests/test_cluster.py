@@ -22,8 +22,9 @@ H = 1.0 / 1023.0
 # ----------------------------------------------------------------------------- reference
 
 
-def literal_cluster(raw, step, seed_thresh=0.9, fg_thresh=0.5, min_size=10, origin=None):
-    """The algorithm as written in DESIGN.md, over all candidates each iteration.
+def literal_cluster(raw, step, seed_thresh=0.9, fg_thresh=0.5, min_size=10, origin=None, max_radius=None):
+    """The algorithm as written in DESIGN.md, over all candidates each iteration (with
+    ``max_radius``: only pixels whose phi = 0.5 ellipse stays within it may be seeds).
 
     Returns the labels and counts of what happened (to check that a test exercises a rule).
     """
@@ -38,10 +39,15 @@ def literal_cluster(raw, step, seed_thresh=0.9, fg_thresh=0.5, min_size=10, orig
     unclustered = torch.ones(n, dtype=torch.bool)
     labels_m = torch.zeros(n, dtype=torch.int64)
     stats = {"accepted": 0, "too_small": 0, "mostly_clustered": 0, "overwritten": 0}
+    may_seed = torch.ones(n, dtype=torch.bool)
+    if max_radius is not None:
+        semi_axes_px = torch.sqrt(math.log(2.0) / s_m) / torch.tensor(step, dtype=torch.float64).unsqueeze(1)
+        may_seed = (semi_axes_px <= torch.tensor(max_radius, dtype=torch.float64).unsqueeze(1)).all(0)
+    stats["barred"] = int((~may_seed & (seed_m >= seed_thresh)).sum())
     count = 1
-    while bool(unclustered.any()):
+    while bool((unclustered & may_seed).any()):
         i = int(
-            torch.argmax(torch.where(unclustered, seed_m, torch.tensor(-1.0, dtype=torch.float64)))
+            torch.argmax(torch.where(unclustered & may_seed, seed_m, torch.tensor(-1.0, dtype=torch.float64)))
         )
         if float(seed_m[i]) < seed_thresh:
             break
@@ -193,6 +199,36 @@ def test_ideal_outputs_equal_literal_and_truth(shape, anisotropy, n_objects):
     np.testing.assert_array_equal(got, expected)
     assert stats["accepted"] == truth.max() == n_objects
     assert same_partition(got, truth)
+
+
+@pytest.mark.parametrize(("shape", "anisotropy"), [((48, 64), 1.0), ((10, 24, 28), 2.0)])
+def test_max_radius_equals_literal(shape, anisotropy):
+    rng = np.random.default_rng(11)
+    step = grid_step(len(shape), anisotropy)
+    raw = random_raw(shape, step, rng)  # radii 0.6 to 5.2 px
+    max_radius = [2.5 / (step[d] / step[-1]) for d in range(len(shape))]
+    expected, stats = literal_cluster(raw, step, 0.9, 0.5, 3, max_radius=max_radius)
+    got = cluster(raw, step, 0.9, 0.5, 3, max_radius=max_radius)
+    np.testing.assert_array_equal(got, expected)
+    assert stats["barred"] > 0 and stats["accepted"] >= 5  # the rule bars some seeds, not all
+    assert not np.array_equal(got, cluster(raw, step, 0.9, 0.5, 3))
+    np.testing.assert_array_equal(cluster(raw, step, 0.9, 0.5, 3, max_radius=[1e9] * len(shape)),
+                                  cluster(raw, step, 0.9, 0.5, 3))
+
+
+def test_a_stray_wide_seed_does_not_swallow_the_image():
+    rng = np.random.default_rng(12)
+    step = grid_step(2)
+    raw, truth = ideal_raw((96, 96), 8, 5.0, step, rng)
+    corner = (slice(0, 3), slice(0, 3))  # a border artefact: confident seeds of a huge bandwidth
+    raw[4][corner] = 12.0
+    raw[2:4][(slice(None), *corner)] = math.log(math.log(2.0) / (400 * step[-1]) ** 2) / 10
+    swallowed = cluster(raw, step, min_size=10)
+    assert swallowed.max() == 1 and np.all(swallowed[truth > 0] == 1)  # one object: the whole image
+    kept = cluster(raw, step, min_size=10, max_radius=(24, 24))
+    inside = truth > 0
+    assert same_partition(np.where(inside, kept, 0), truth)
+    assert kept[corner].max() == 0  # the 9 corner pixels are fewer than min_size
 
 
 def test_origin_only_shifts():

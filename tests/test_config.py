@@ -43,3 +43,15 @@ def test_model_config_newer_version_refused():
         ModelConfig.from_dict({"ndim": 2, "ndimm": 2}, source="x/config.json")
     cfg = ModelConfig.from_dict({"ndim": 3, "grid_step": [0.002, 0.001, 0.001]}, source="x")
     assert cfg.ndim == 3
+
+
+def test_seed_radius_defaults_to_half_the_training_crop(tmp_path):
+    assert ModelConfig(ndim=2).seed_radius() is None  # crop unknown: no limit
+    assert ModelConfig(ndim=2, crop_size=[96, 64]).seed_radius() == [48.0, 32.0]
+    assert ModelConfig(ndim=2, crop_size=[96, 96], max_seed_radius=[10, 20]).seed_radius() == [10.0, 20.0]
+    assert ModelConfig(ndim=2, crop_size=[96, 96], max_seed_radius=[]).seed_radius() is None  # off
+    path = tmp_path / "config.json"
+    for bad in ("[10]", "[0, 5]"):
+        path.write_text(f'{{"ndim": 2, "max_seed_radius": {bad}}}')
+        with pytest.raises(UserError, match="max_seed_radius"):
+            ModelConfig.from_dict(__import__("json").loads(path.read_text()), source=str(path))

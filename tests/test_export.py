@@ -110,6 +110,20 @@ def test_script_cluster_equals_python_on_random_outputs(scripted_cluster, shape,
     np.testing.assert_array_equal(script_cluster.cluster(raw, list(step), *thresholds).numpy(), expected)
 
 
+@pytest.mark.parametrize(("shape", "step"), [((48, 64), (H, H)), ((10, 24, 32), (2.18 * H, H, H))])
+def test_script_cluster_max_radius_equals_python(scripted_cluster, shape, step):
+    rng = np.random.default_rng(7)
+    raw = random_raw(shape, step, rng)
+    max_radius = [2.5 * step[-1] / h for h in step]  # pixels per axis: 2.5 X pixels everywhere
+    expected = cluster(raw, step, 0.9, 0.5, 3, max_radius=max_radius)
+    assert not np.array_equal(expected, cluster(raw, step, 0.9, 0.5, 3))  # the limit matters here
+    got = scripted_cluster(raw, list(step), 0.9, 0.5, 3, max_radius)
+    np.testing.assert_array_equal(got.numpy(), expected)
+    predictor = script_cluster.LabelPredictor(torch.nn.Identity(), list(step), 0.9, 0.5, 3, 1, max_radius)
+    labels, _ = predictor(raw[None])
+    assert int(labels.max()) == len(np.unique(expected[expected > 0]))
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_script_cluster_equals_python_on_ideal_objects(scripted_cluster, ndim):
     rng = np.random.default_rng(ndim)

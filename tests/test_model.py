@@ -136,3 +136,21 @@ def test_a_folder_is_preferred_over_a_shipped_name(shipped, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     shutil.copytree(shipped / "nuclei-3d", tmp_path / "nuclei-2d")  # local folder, same name
     assert load_model("nuclei-2d").ndim == 3
+
+
+def test_model_clustering_bars_seeds_wider_than_half_the_training_crop():
+    import math
+
+    from embseg.embedding import grid_step
+    from test_cluster import ideal_raw, same_partition
+
+    step = grid_step(2)
+    raw, truth = ideal_raw((96, 96), 8, 5.0, step, np.random.default_rng(12))
+    corner = (slice(0, 3), slice(0, 3))
+    raw[4][corner] = 12.0  # confident seeds whose bandwidth spans the whole image
+    raw[2:4][(slice(None), *corner)] = math.log(math.log(2.0) / (400 * step[-1]) ** 2) / 10
+    model = Model(ModelConfig(ndim=2, grid_step=list(step), crop_size=[48, 48]))
+    labels = model.cluster(raw)
+    assert same_partition(np.where(truth > 0, labels, 0), truth)
+    model.config.max_seed_radius = []  # the method's rule without the limit
+    assert model.cluster(raw).max() == 1

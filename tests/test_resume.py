@@ -49,7 +49,7 @@ def train_args(images: Path, masks: Path, output: Path) -> list[str]:
     return ["train", "--images", str(images), "--masks", str(masks), "--output", str(output),
             "--crop-size", "32", "--batch-size", "4", "--samples-per-epoch", "8", "--epochs", str(EPOCHS),
             "--val-every", "1", "--checkpoint-every", "1", "--no-tune", "--figure-every", "0",
-            "--seed", "7", "--device", "cpu", "--threads", "2"]
+            "--seed", "7", "--device", "cpu", "--threads", "2", "--ema-decay", "0.9"]
 
 
 def embseg_command() -> list[str]:
@@ -70,7 +70,7 @@ def log_rows(folder: Path) -> list[dict[str, str]]:
 
 
 def model_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith(("model.", "average."))}
 
 
 def test_sigkill_mid_training_then_resume(tmp_path, capsys):
@@ -113,6 +113,7 @@ def test_sigkill_mid_training_then_resume(tmp_path, capsys):
     resumed = model_tensors(killed / "checkpoints" / "last.safetensors")
     straight = model_tensors(whole / "checkpoints" / "last.safetensors")
     assert resumed.keys() == straight.keys()
+    assert any(k.startswith("average.") for k in straight)  # the weight average resumes too
     different = [k for k in straight if not torch.equal(resumed[k], straight[k])]
     assert different == []
     assert [r["loss"] for r in log_rows(killed)] == [r["loss"] for r in log_rows(whole)]

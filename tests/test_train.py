@@ -197,3 +197,45 @@ def build_network_config_3d():
 
     cfg = ModelConfig(ndim=3, in_channels=1, grid_step=[1 / 1023] * 3)
     return Model(cfg, build_network(cfg))
+
+
+def test_weight_average_follows_the_warm_up_corrected_decay():
+    from embseg.training import make_weight_average
+
+    assert make_weight_average(torch.nn.Linear(2, 2), 0.0) is None
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    average = make_weight_average(net, 0.99)
+    expected = None
+    for n in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net[1].num_batches_tracked += 3
+        weight = net[0].weight.detach().clone()
+        if expected is None:
+            expected = weight  # the first update copies
+        else:
+            d = min(0.99, (1 + n) / (10 + n))
+            expected = d * expected + (1 - d) * weight
+        average.update_parameters(net)
+        torch.testing.assert_close(average.module[0].weight, expected)
+    assert int(average.module[1].num_batches_tracked) == int(net[1].num_batches_tracked) == 15  # copied
+    assert not torch.equal(average.module[0].weight, net[0].weight)
+
+
+def test_training_with_a_weight_average_validates_and_saves_the_average(tmp_path):
+    from safetensors.torch import load_file
+
+    from embseg.training import train
+
+    images, masks = write_pairs(tmp_path / "train", n=3, seed=0)
+    train(_tiny_config(images, masks, tmp_path / "run", ema_decay=0.5, epochs=2, val_every=1000),
+          progress=False)
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    checkpoint = load_file(str(tmp_path / "run" / "checkpoints" / "last.safetensors"))
+    assert int(checkpoint["average.n_averaged"]) == 4  # one update per optimizer step
+    weights = [k for k in saved if k.endswith("weight")]
+    assert weights
+    for key in weights:
+        torch.testing.assert_close(saved[key].float(), checkpoint[f"average.module.{key}"].float())
+    assert any(not torch.equal(saved[k].float(), checkpoint[f"model.{k}"].float()) for k in weights)

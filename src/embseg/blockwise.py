@@ -103,6 +103,7 @@ def predict_labels_blockwise(
     batch_size: int | None = None,
     progress: bool = False,
     return_seeds: bool = False,
+    max_radius: Sequence[float] | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Labels of an image block by block (see the module docstring).
 
@@ -110,7 +111,7 @@ def predict_labels_blockwise(
     ----------
     net, image, ndim, step, tta, device, amp, batch_size, progress
         As for :func:`embseg.predict.predict_raw`; ``image`` is channel-first and normalised.
-    seed_thresh, fg_thresh, min_size
+    seed_thresh, fg_thresh, min_size, max_radius
         As for :func:`embseg.cluster.cluster`.
     block_shape
         Core shape per axis (one int for all), rounded up to a multiple of 8.
@@ -147,7 +148,7 @@ def predict_labels_blockwise(
                 seeds[block.core] = seediness[core]
             local, local_seeds = cluster(raw, step, seed_thresh=seed_thresh, fg_thresh=fg_thresh,
                                          min_size=min_size, origin=[s.start for s in block.cluster],
-                                         return_seeds=True)
+                                         return_seeds=True, max_radius=max_radius)
             del raw
             merged.add(owned_objects(local, local_seeds, seediness, block, spatial))
     if merged.n_cut:

@@ -10,6 +10,12 @@ The algorithm (DESIGN.md, "Clustering"):
    them are still unclustered; an accepted proposal takes the next label (1, 2, ...) on all its
    pixels, overwriting earlier labels; the proposal is marked clustered either way.
 
+Optionally (``max_radius``, what :class:`embseg.model.Model` uses: half its training crop), a
+pixel whose own bandwidth gives a ``phi = 0.5`` ellipse wider than ``max_radius`` pixels on some
+axis cannot start an object (it can still join one). Such a proposal is wider than any
+object the network was trained on; one stray seed of this kind (a bright image border, say)
+otherwise swallows every object of the image as one.
+
 Speed without changing the result: a pixel can only be in the proposal of a seed if its
 embedding lies in the ``phi = 0.5`` ellipse, whose semi-axes are ``sqrt(ln 2 / s_d)``
 (:func:`embseg.embedding.membership_radius`). The candidate embeddings are put once in a
@@ -152,6 +158,16 @@ def candidate_geometry(
     return index, emb, s, seed.astype(np.float64)
 
 
+def _within_radius(s: np.ndarray, step: Sequence[float], max_radius: Sequence[float]) -> np.ndarray:
+    """``(N,)`` bool: the ``phi = 0.5`` ellipse of bandwidths ``s`` ``(N, D)`` has semi-axes of at
+    most ``max_radius`` pixels (``sqrt(ln 2 / s_d) <= max_radius_d * step_d``, i.e.
+    ``s_d >= ln 2 / (max_radius_d * step_d) ** 2``; NaN bandwidths fail)."""
+    if len(max_radius) != s.shape[1]:
+        raise ValueError(f"max_radius has {len(max_radius)} entries for {s.shape[1]} spatial axes")
+    limit = math.log(2.0) / (np.asarray(max_radius, dtype=np.float64) * np.asarray(step, dtype=np.float64)) ** 2
+    return np.all(s >= limit, axis=1)
+
+
 def greedy_labels(
     emb: np.ndarray,
     s: np.ndarray,
@@ -161,6 +177,7 @@ def greedy_labels(
     min_size: int = 10,
     return_seeds: bool = False,
     tie_key: np.ndarray | None = None,
+    max_radius: Sequence[float] | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Greedy clustering of candidate pixels given their embeddings, bandwidths and seediness.
 
@@ -180,6 +197,8 @@ def greedy_labels(
     tie_key
         ``(N,)`` integers ordering seeds of equal seediness (default: candidate order); e.g.
         the flat pixel index when the candidates come tile by tile.
+    max_radius
+        See :func:`cluster`.
 
     Returns
     -------
@@ -196,6 +215,8 @@ def greedy_labels(
         return (labels, np.zeros(0, dtype=np.int64)) if return_seeds else labels
     # Seeds in descending seediness, ties in candidate order (a stable sort of the seeds only).
     seeds = np.flatnonzero(seed >= seed_thresh)
+    if max_radius is not None and seeds.size:
+        seeds = seeds[_within_radius(s[seeds], step, max_radius)]
     if tie_key is None:
         seeds = seeds[np.argsort(-seed[seeds], kind="stable")]
     else:
@@ -253,6 +274,7 @@ def cluster(
     min_size: int = 10,
     origin: Sequence[int] | None = None,
     return_seeds: bool = False,
+    max_radius: Sequence[float] | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Instance labels from raw outputs by greedy seed clustering (N-D).
 
@@ -275,6 +297,9 @@ def cluster(
     return_seeds
         Also return where each label's seed lies (block-wise prediction assigns an object to
         the block that holds its seed).
+    max_radius
+        Per axis, in pixels: a pixel whose ``phi = 0.5`` ellipse (its own bandwidth) reaches
+        farther than this on some axis is not a seed (default: no limit, the method's rule).
 
     Returns
     -------
@@ -312,7 +337,7 @@ def cluster(
         return (labels, np.zeros(0, dtype=np.int64)) if return_seeds else labels
     emb, s = _geometry(raw, index, step, origin)
     labels[index], seeds = greedy_labels(
-        emb, s, seed.astype(np.float64), step, seed_thresh, min_size, return_seeds=True
+        emb, s, seed.astype(np.float64), step, seed_thresh, min_size, return_seeds=True, max_radius=max_radius
     )
     labels = labels.reshape(shape)
     if return_seeds:

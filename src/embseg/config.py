@@ -52,6 +52,7 @@ class TrainConfig:
     time_limit_minutes: float | None = None
     lr: float = 5e-4
     weight_decay: float = 1e-4
+    ema_decay: float = 0.0
     w_inst: float = 1.0
     w_var: float = 10.0
     w_seed: float = 1.0
@@ -91,6 +92,8 @@ class TrainConfig:
             v = getattr(self, key)
             if not 0 <= v <= 1:
                 raise UserError(f"config: {key} must be in [0, 1], got {v}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"config: ema_decay must be in [0, 1) (0 = no weight average), got {self.ema_decay}")
         if self.fg_weight is not None and self.fg_weight <= 0:
             raise UserError(f"config: fg_weight must be > 0, got {self.fg_weight}")
         if self.min_size is not None and self.min_size < 0:
@@ -219,6 +222,10 @@ class ModelConfig:
     tta_fg_thresh: float | None = None
     halo: int | None = None
     crop_size: list[int] | None = None
+    #: Per axis, in pixels: a pixel whose clustering bandwidth reaches farther than this cannot
+    #: start an object (:func:`embseg.cluster.cluster`, ``max_radius``). ``None``: half the
+    #: training crop (no limit when the crop is unknown); ``[]``: no limit.
+    max_seed_radius: list[float] | None = None
     name: str = "embseg-model"
     format_version: int = MODEL_FORMAT_VERSION
     embseg_version: str = ""
@@ -230,6 +237,18 @@ class ModelConfig:
             return (self.seed_thresh if self.tta_seed_thresh is None else self.tta_seed_thresh,
                     self.fg_thresh if self.tta_fg_thresh is None else self.tta_fg_thresh)
         return self.seed_thresh, self.fg_thresh
+
+    def seed_radius(self) -> list[float] | None:
+        """The ``max_radius`` of the clustering (:attr:`max_seed_radius`), ``None`` for no limit.
+
+        By default half the training crop per axis: the crop is the data rule's mean + 5 std
+        of the object extents, so no trained object reaches farther from its seed.
+        """
+        if self.max_seed_radius is not None:
+            return [float(r) for r in self.max_seed_radius] or None
+        if self.crop_size:
+            return [int(c) / 2 for c in self.crop_size]
+        return None
 
     def to_json(self) -> str:
         """JSON text of the config."""
@@ -257,6 +276,8 @@ class ModelConfig:
         cfg = cls(**coerced)
         if len(cfg.grid_step) != cfg.ndim or any(s <= 0 for s in cfg.grid_step):
             raise UserError(f"{source}: grid_step must hold {cfg.ndim} positive values")
+        if cfg.max_seed_radius and (len(cfg.max_seed_radius) != cfg.ndim or any(not r > 0 for r in cfg.max_seed_radius)):
+            raise UserError(f"{source}: max_seed_radius must be empty or hold {cfg.ndim} positive values")
         if cfg.in_channels < 1:
             raise UserError(f"{source}: in_channels must be >= 1")
         return cfg

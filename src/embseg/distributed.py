@@ -349,6 +349,7 @@ def segment_block(model: Any, source: Any, block: Block, settings: BlockSettings
     labels, seeds = cluster(
         raw, model.config.grid_step, seed_thresh=settings.seed_thresh,
         fg_thresh=settings.fg_thresh, min_size=settings.min_size, origin=origin, return_seeds=True,
+        max_radius=model.config.seed_radius(),
     )
     return owned_objects(labels, seeds, seed_map(raw), block, settings.shape)
 

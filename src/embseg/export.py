@@ -95,6 +95,11 @@ def _example_input(model: Model, size: int, batch: int = 1, seed: int = 0) -> to
     return torch.randn(shape, generator=generator)
 
 
+def _radius_text(cfg: Any) -> str:
+    radius = cfg.seed_radius()
+    return "any number of" if radius is None else " x ".join(f"{r:g}" for r in radius)
+
+
 def _eval_network(model: Model) -> torch.nn.Module:
     """The model's network on the CPU in eval mode, float32."""
     return model.net.to("cpu").float().eval()
@@ -106,7 +111,8 @@ def label_predictor(model: Model) -> torch.nn.Module:
 
     cfg = model.config
     return LabelPredictor(
-        _eval_network(model), list(cfg.grid_step), cfg.seed_thresh, cfg.fg_thresh, cfg.min_size, STRIDE
+        _eval_network(model), list(cfg.grid_step), cfg.seed_thresh, cfg.fg_thresh, cfg.min_size, STRIDE,
+        cfg.seed_radius(),
     ).eval()
 
 
@@ -149,7 +155,8 @@ def script_label_predictor(model: Model) -> torch.jit.ScriptModule:
 
     cfg = model.config
     predictor = LabelPredictor(
-        trace_network(model), list(cfg.grid_step), cfg.seed_thresh, cfg.fg_thresh, cfg.min_size, STRIDE
+        trace_network(model), list(cfg.grid_step), cfg.seed_thresh, cfg.fg_thresh, cfg.min_size, STRIDE,
+        cfg.seed_radius(),
     )
     with _quiet_torch():
         return torch.jit.script(predictor.eval())
@@ -183,7 +190,7 @@ _FACTORY_SOURCE = '''
 # ------------------------------ bioimage.io entry point
 
 
-def embseg_label_model(ndim, in_channels, grid_step, seed_thresh, fg_thresh, min_size):
+def embseg_label_model(ndim, in_channels, grid_step, seed_thresh, fg_thresh, min_size, max_radius=None):
     """Network + clustering for a bioimage.io ``pytorch_state_dict`` entry (state dict keys ``net.*``)."""
     return LabelPredictor(
         BranchedERFNet(int(ndim), int(in_channels)),
@@ -192,6 +199,7 @@ def embseg_label_model(ndim, in_channels, grid_step, seed_thresh, fg_thresh, min
         float(fg_thresh),
         int(min_size),
         STRIDE,
+        [float(r) for r in max_radius] if max_radius else None,
     )
 '''
 
@@ -385,7 +393,7 @@ greedy seed clustering, so the model outputs an **instance label image**.
 
 Clustering thresholds (tuned on validation data, stored in `config.embseg`): seed threshold
 {cfg.seed_thresh:g}, foreground threshold {cfg.fg_thresh:g}, minimum object size {cfg.min_size}
-pixels. Grid step per axis: {', '.join(f'{s:.6g}' for s in cfg.grid_step)}
+pixels; a seed's clustering ellipse may reach {_radius_text(cfg)} pixels per axis. Grid step per axis: {', '.join(f'{s:.6g}' for s in cfg.grid_step)}
 (anisotropy z/xy {cfg.anisotropy:g}).
 
 ## Limitations
@@ -456,6 +464,7 @@ def _rdf(
         "seed_thresh": float(cfg.seed_thresh),
         "fg_thresh": float(cfg.fg_thresh),
         "min_size": int(cfg.min_size),
+        "max_radius": cfg.seed_radius() or [],
     }
     return {
         "format_version": spec.model.v0_5.ModelDescr.implemented_format_version,

@@ -257,6 +257,7 @@ class Model:
             fg_thresh=default_fg if fg_thresh is None else fg_thresh,
             min_size=cfg.min_size if min_size is None else min_size,
             tta=tta, device=dev, amp=dev.type == "cuda", return_seeds=return_seeds,
+            max_radius=cfg.seed_radius(),
         )
         if clustering == "blocks":
             result = predict_labels_blockwise(
@@ -295,6 +296,7 @@ class Model:
             seed_thresh=default_seed if seed_thresh is None else seed_thresh,
             fg_thresh=default_fg if fg_thresh is None else fg_thresh,
             min_size=cfg.min_size if min_size is None else min_size,
+            max_radius=cfg.seed_radius(),
         )
         return relabel_sequential(labels)
 

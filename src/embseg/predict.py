@@ -377,6 +377,7 @@ def predict_labels_streamed(
     progress: bool = False,
     channels_last: bool | None = None,
     return_seeds: bool = False,
+    max_radius: Sequence[float] | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Labels of an image without ever holding its raw outputs: tile by tile, keep only the
     clustering candidates, then cluster them all at once.
@@ -436,7 +437,7 @@ def predict_labels_streamed(
         emb = _pop_concatenate(emb_parts, column_major=True)
         s = _pop_concatenate(s_parts, column_major=True)
         labels[index] = greedy_labels(emb, s, seed.astype(np.float64), step, seed_thresh, min_size,
-                                      tie_key=index)
+                                      tie_key=index, max_radius=max_radius)
     labels = labels.reshape(spatial)
     return (labels, seeds) if return_seeds else labels
 
@@ -456,6 +457,7 @@ def predict_labels(
     amp: bool = False,
     batch_size: int | None = None,
     progress: bool = False,
+    max_radius: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Instance labels of an image: :func:`predict_raw`, then :func:`embseg.cluster.cluster`.
 
@@ -467,5 +469,6 @@ def predict_labels(
         ``float32`` seediness of shape ``spatial``.
     """
     raw = predict_raw(net, image, ndim, tile_shape, halo, tta, device, amp, batch_size, progress)
-    labels = cluster(raw, step, seed_thresh=seed_thresh, fg_thresh=fg_thresh, min_size=min_size)
+    labels = cluster(raw, step, seed_thresh=seed_thresh, fg_thresh=fg_thresh, min_size=min_size,
+                     max_radius=max_radius)
     return labels, seed_map(raw)

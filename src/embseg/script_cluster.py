@@ -13,7 +13,8 @@ documented choices: candidates have seediness ``> fg_thresh``; seeds (seediness
 ``phi > 0.5`` for the seed's own embedding and bandwidth; it is accepted when it has at least
 ``min_size`` pixels and strictly more than half of them (the seed included) are unclustered; an
 accepted proposal takes the next label on all its pixels, overwriting earlier labels; the
-proposal and the seed are marked clustered either way.
+proposal and the seed are marked clustered either way; with ``max_radius`` (pixels per axis),
+a pixel whose ``phi = 0.5`` ellipse reaches farther on some axis is not a seed.
 
 TorchScript has no KD-tree. The window here: the candidates are sorted once by their embedding
 along one axis ``a`` (the longest array axis). A pixel ``j`` can only be in the proposal of seed
@@ -83,8 +84,11 @@ def greedy_labels(
     axis: int,
     seed_thresh: float,
     min_size: int,
+    s_min: list[float],
 ) -> torch.Tensor:
     """Greedy clustering of candidates (embeddings and bandwidths ``(D, N)``, seediness ``(N,)``).
+
+    A pixel with a bandwidth below ``s_min`` (per axis; empty: no limit) is not a seed.
 
     Returns ``(N,)`` int64 labels, 0 = unassigned, objects numbered in acceptance order (an
     object overwritten entirely by later ones leaves a gap).
@@ -104,6 +108,10 @@ def greedy_labels(
     order = torch.argsort(seed, descending=True, stable=True)
     n_seeds = int((seed >= seed_thresh).sum())
     seeds = order[:n_seeds]
+    if len(s_min) > 0:
+        limit = torch.tensor(s_min, dtype=s.dtype, device=s.device).unsqueeze(1)
+        seeds = seeds[(s[:, seeds] >= limit).all(0)]
+        n_seeds = seeds.shape[0]
     radius = torch.sqrt(math.log(2.0) / s[axis, seeds]) * (1.0 + 1e-6) + 1e-12
     radius = torch.where(torch.isnan(radius), torch.full_like(radius, math.inf), radius)
     centre = emb[axis, seeds]
@@ -142,16 +150,22 @@ def cluster(
     seed_thresh: float = 0.9,
     fg_thresh: float = 0.5,
     min_size: int = 10,
+    max_radius: list[float] | None = None,
 ) -> torch.Tensor:
     """Instance labels ``(*S)`` (int64, gaps possible) of raw outputs ``(2D+1, *S)``.
 
     The same result as :func:`embseg.cluster.cluster` (which returns uint32) on the same
-    tensor; pass it contiguous, as that function sees it.
+    tensor; pass it contiguous, as that function sees it. ``max_radius``: pixels per axis, as
+    there (``None`` or empty: no limit).
     """
+    s_min: list[float] = []
+    if max_radius is not None:
+        for d in range(len(max_radius)):
+            s_min.append(math.log(2.0) / (max_radius[d] * step[d]) ** 2)
     shape: list[int] = list(raw.shape[1:])
     index, emb, s, seed = candidate_geometry(raw, step, fg_thresh)
     flat = torch.zeros(raw[0].numel(), dtype=torch.int64, device=raw.device)
-    flat[index] = greedy_labels(emb, s, seed, window_axis(shape), seed_thresh, min_size)
+    flat[index] = greedy_labels(emb, s, seed, window_axis(shape), seed_thresh, min_size, s_min)
     return flat.reshape(shape)
 
 
@@ -187,6 +201,8 @@ class LabelPredictor(nn.Module):
         Grid step per spatial axis (``D`` values).
     seed_thresh, fg_thresh, min_size
         Clustering thresholds (:func:`cluster`).
+    max_radius
+        Pixels per axis a seed's ellipse may reach (:func:`cluster`); empty: no limit.
     stride
         Inputs are reflect-padded at their end to multiples of this, outputs cropped back.
 
@@ -198,6 +214,8 @@ class LabelPredictor(nn.Module):
     no unsigned 32-bit type; 2**31 - 1 objects per image is ample.
     """
 
+    max_radius: list[float]  # an empty list has no element type for TorchScript to infer
+
     def __init__(
         self,
         net: nn.Module,
@@ -206,6 +224,7 @@ class LabelPredictor(nn.Module):
         fg_thresh: float = 0.5,
         min_size: int = 10,
         stride: int = 8,
+        max_radius: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.net = net
@@ -214,6 +233,7 @@ class LabelPredictor(nn.Module):
         self.fg_thresh = float(fg_thresh)
         self.min_size = int(min_size)
         self.stride = int(stride)
+        self.max_radius: list[float] = [float(r) for r in max_radius] if max_radius else []
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ndim = len(self.step)
@@ -225,7 +245,7 @@ class LabelPredictor(nn.Module):
         seeds: list[torch.Tensor] = []
         for b in range(x.shape[0]):
             one = raw[b].float().contiguous()
-            found = cluster(one, self.step, self.seed_thresh, self.fg_thresh, self.min_size)
+            found = cluster(one, self.step, self.seed_thresh, self.fg_thresh, self.min_size, self.max_radius)
             labels.append(relabel_sequential(found).to(torch.int32))
             seeds.append(torch.sigmoid(one[2 * ndim]))
         return torch.stack(labels).unsqueeze(1), torch.stack(seeds).unsqueeze(1)

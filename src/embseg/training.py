@@ -195,6 +195,31 @@ def make_optimizer(net: torch.nn.Module, lr: float, weight_decay: float,
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+def make_weight_average(net: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the weights and buffers of ``net`` (``None`` when
+    ``decay`` is 0).
+
+    The decay at the ``n``-th update is ``min(decay, (1 + n) / (10 + n))``: the first updates
+    follow the weights closely, so an early validation does not score the random start.
+    Integer buffers (batch-norm counters) are copied.
+    """
+    if not decay:
+        return None
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        n = float(n_averaged.item())
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
+        for a, c in zip(averaged, current, strict=True):
+            if not a.is_floating_point():
+                a.copy_(c)
+
+    return torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=update, use_buffers=True)
+
+
 def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
     """Give the optimizer's per-parameter state tensors their parameter's memory layout
     (checkpoints store them contiguous)."""
@@ -208,8 +233,10 @@ def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
 
 
 def save_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], scaler: Any = None) -> None:
-    """Write the resumable state: tensors to safetensors, everything else to JSON (atomic)."""
+                    state: dict[str, Any], scaler: Any = None,
+                    average: torch.nn.Module | None = None) -> None:
+    """Write the resumable state: tensors to safetensors, everything else to JSON (atomic).
+    ``average`` is the weight average of :func:`make_weight_average`, if any."""
     from safetensors.torch import save_file
 
     from embseg.io import atomic_write
@@ -223,6 +250,9 @@ def save_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.O
         for k, v in pstate.items():
             if isinstance(v, torch.Tensor):
                 tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous().clone()
+    if average is not None:
+        for k, v in average.state_dict().items():
+            tensors[f"average.{k}"] = v.detach().cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
     meta = dict(state)
     meta["optim_param_groups"] = opt["param_groups"]
@@ -239,8 +269,9 @@ def save_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.O
 
 
 def load_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: Any = None) -> dict[str, Any]:
-    """Restore net, optimizer and RNG from :func:`save_checkpoint`; returns the JSON state."""
+                    scaler: Any = None, average: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Restore net, optimizer, RNG and the weight average (when the checkpoint has one; else
+    it restarts from the restored weights) from :func:`save_checkpoint`; returns the JSON state."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -257,6 +288,16 @@ def load_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.O
         net.load_state_dict(model_state)
     except RuntimeError as err:
         raise UserError(f"{tensor_path}: checkpoint does not match the network ({str(err).splitlines()[0]})") from None
+    if average is not None:
+        average_state = {k[len("average."):]: v for k, v in tensors.items() if k.startswith("average.")}
+        if average_state:
+            try:
+                average.load_state_dict(average_state)
+            except RuntimeError as err:
+                raise UserError(f"{tensor_path}: the checkpoint's weight average does not match the network "
+                                f"({str(err).splitlines()[0]})") from None
+        else:
+            average.n_averaged.zero_()  # type: ignore[operator]
     opt_state: dict[str, Any] = {"param_groups": meta.pop("optim_param_groups"), "state": {}}
     for pid, scalars in meta.pop("optim_scalars").items():
         entry = dict(scalars)
@@ -289,7 +330,7 @@ def mean_ap(raws: list[torch.Tensor], masks: list[np.ndarray], model_config: Mod
     scores = []
     for raw, mask in zip(raws, masks, strict=True):
         labels = cluster(raw, model_config.grid_step, seed_thresh=seed_thresh, fg_thresh=fg_thresh,
-                         min_size=model_config.min_size)
+                         min_size=model_config.min_size, max_radius=model_config.seed_radius())
         scores.append(matching(mask, labels, thresh=thresh).accuracy)
     return float(np.mean(scores)) if scores else 0.0
 
@@ -446,6 +487,7 @@ def train(
     memory_format = training_memory_format(device, data.ndim)
     net = net.to(memory_format=memory_format)
     optimizer = make_optimizer(net, config.lr, config.weight_decay, device)
+    average = make_weight_average(net, config.ema_decay)
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     step_t = torch.tensor(model_config.grid_step, dtype=torch.float32)
 
@@ -454,13 +496,14 @@ def train(
     if resume:
         ckpt_dir = out / CHECKPOINT_DIR
         if (ckpt_dir / "last.json").is_file():
-            state = load_checkpoint(ckpt_dir, net, optimizer, scaler)
+            state = load_checkpoint(ckpt_dir, net, optimizer, scaler, average)
             match_state_layout(optimizer)
             if main:  # a kill between the log and the checkpoint leaves rows to be redone
                 _truncate_log(out / LOG_FILE, int(state["epoch"]))
         elif not overwrite and any(p.name != LOG_FILE for p in out.iterdir()):
             raise UserError(f"{out}: --resume given but there is no checkpoint in {ckpt_dir}")
-    model = Model(model_config, net)
+    eval_net = average.module if average is not None else net  # what is validated and saved
+    model = Model(model_config, eval_net)
     train_net = ddp.wrap(net, dist)  # DDP broadcasts rank 0's weights here
     if dist is not None and dist.rank:
         torch.manual_seed(config.seed + 7919 * dist.rank)  # own dropout masks per rank
@@ -523,6 +566,8 @@ def train(
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if average is not None:
+                    average.update_parameters(net)
                 state["step"] = int(state["step"]) + 1
                 if "first_step_s" not in model_config.training:  # from the call, data loading included
                     model_config.training["first_step_s"] = round(time.monotonic() - called, 1)
@@ -549,7 +594,7 @@ def train(
             continue
         def validate(row: dict[str, Any] = row, epoch: int = epoch) -> None:
             if config.val_metric == "iou":
-                score = validation_iou(net, val_crops, step_t.to(device), device)
+                score = validation_iou(eval_net, val_crops, step_t.to(device), device)
                 row["val_iou"] = score
             else:
                 raws = predict_raw_images(model, data.val_images, device)
@@ -573,7 +618,7 @@ def train(
         state["elapsed_s"] = time.monotonic() - start
         _append_log(out / LOG_FILE, row)
         if epoch % config.checkpoint_every == 0 or last:
-            save_checkpoint(out / CHECKPOINT_DIR, net, optimizer, state, scaler)
+            save_checkpoint(out / CHECKPOINT_DIR, net, optimizer, state, scaler, average)
         if progress:
             val = f" val AP@0.5 {row['val_ap']:.3f}" if "val_ap" in row else ""
             print(f"epoch {epoch}: loss {means[0]:.4f}{val} ({row['elapsed_s']:.0f} s)", file=sys.stderr)
@@ -582,7 +627,7 @@ def train(
             if not validated and not (out / "model.safetensors").is_file():
                 validate()  # a stop before the first validation still leaves a model
                 _append_log(out / LOG_FILE, row, replace_last=True)
-                save_checkpoint(out / CHECKPOINT_DIR, net, optimizer, state, scaler)
+                save_checkpoint(out / CHECKPOINT_DIR, net, optimizer, state, scaler, average)
         stop_requested = ddp.rank0_decides(stop_requested, dist)
     if not main:
         return model

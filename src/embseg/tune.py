@@ -26,7 +26,7 @@ def score_thresholds(raws: Sequence[torch.Tensor], masks: Sequence[np.ndarray], 
     ap50, ap75 = [], []
     for raw, mask in zip(raws, masks, strict=True):
         labels = cluster(raw, model_config.grid_step, seed_thresh=seed_thresh, fg_thresh=fg_thresh,
-                         min_size=model_config.min_size)
+                         min_size=model_config.min_size, max_radius=model_config.seed_radius())
         m50, m75 = matching(mask, labels, thresh=(0.5, 0.75))
         ap50.append(m50.accuracy)
         ap75.append(m75.accuracy)
