@@ -201,6 +201,26 @@ def test_ideal_outputs_equal_literal_and_truth(shape, anisotropy, n_objects):
     assert same_partition(got, truth)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_split_search_trees_equal_literal(monkeypatch, threads):
+    import embseg.cluster as cluster_module
+
+    monkeypatch.setattr(cluster_module, "_SPLIT_TREE_MIN", 50)  # two trees even for a small image
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rng_seed, shape, anisotropy in [(0, (48, 64), 1.0), (2, (10, 24, 28), 2.0)]:
+            rng = np.random.default_rng(rng_seed)
+            step = grid_step(len(shape), anisotropy)
+            raw = random_raw(shape, step, rng)
+            expected, _ = literal_cluster(raw, step, 0.9, 0.5, 5)
+            np.testing.assert_array_equal(cluster(raw, step, 0.9, 0.5, 5), expected)
+        trees = cluster_module._search_trees(np.random.default_rng(1).random((60, 2)))
+        assert len(trees) == (2 if threads == 2 else 1)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(("shape", "anisotropy"), [((48, 64), 1.0), ((10, 24, 28), 2.0)])
 def test_max_radius_equals_literal(shape, anisotropy):
     rng = np.random.default_rng(11)
@@ -445,3 +465,32 @@ def test_real_masks_ideal_outputs(name):
     np.testing.assert_array_equal(got, literal_cluster(raw, step, min_size=10)[0])
     assert got.max() == truth.max()
     assert same_partition(got, truth)
+
+
+def _balls_in_child(points):
+    import embseg.cluster as cluster_module
+
+    trees = cluster_module._search_trees(points)
+    return len(trees), sorted(cluster_module._ball(trees, points[0], 0.2).tolist())
+
+
+def test_split_search_trees_work_in_a_forked_child(monkeypatch):
+    """The tree thread of the parent does not exist in a forked child: a new one is made there
+    (torch ops themselves are not fork-safe with OpenMP threads; the search is pure NumPy)."""
+    import multiprocessing
+
+    import embseg.cluster as cluster_module
+
+    monkeypatch.setattr(cluster_module, "_SPLIT_TREE_MIN", 50)
+    points = np.random.default_rng(0).random((400, 3))
+    expected = sorted(np.flatnonzero(np.linalg.norm(points - points[0], axis=1) <= 0.2).tolist())
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trees = cluster_module._search_trees(points)  # the parent's tree thread exists now
+        assert len(trees) == 2 and sorted(cluster_module._ball(trees, points[0], 0.2).tolist()) == expected
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            n_trees, found = pool.apply_async(_balls_in_child, (points,)).get(timeout=60)
+    finally:
+        torch.set_num_threads(before)
+    assert n_trees == 2 and found == expected
