@@ -301,3 +301,19 @@ def test_object_slices_handles_huge_ids():
 def test_center_image_rejects_outside_centres():
     with pytest.raises(ValueError):
         center_image(np.zeros((4, 4), int), {1: (4, 0)})
+
+
+@pytest.mark.parametrize("method", ["medoid", "approximate_medoid", "centroid"])
+def test_centers_in_loose_boxes_equal_object_centers(method):
+    from embseg.centers import centers_in_boxes, object_slices
+
+    rng = np.random.default_rng(3)
+    labels = np.zeros((60, 70), np.int64)
+    for k in range(1, 9):  # overlapping random boxes: some objects are cut into pieces
+        y, x = rng.integers(0, 50), rng.integers(0, 60)
+        labels[y : y + rng.integers(3, 15), x : x + rng.integers(3, 15)] = k
+    ids, tight = object_slices(labels)
+    loose = [tuple(slice(max(0, s.start - 3), s.stop + 2) for s in box) for box in tight]
+    expected = object_centers(labels, method)
+    assert centers_in_boxes(labels, ids, loose, method) == expected
+    assert centers_in_boxes(labels, ids[:3], loose[:3], method) == {int(k): expected[int(k)] for k in ids[:3]}

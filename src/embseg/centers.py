@@ -462,6 +462,33 @@ def object_centers(
     return centers
 
 
+def centers_in_boxes(
+    labels: np.ndarray,
+    ids: Sequence[int],
+    boxes: Sequence[tuple[slice, ...]],
+    method: str = "medoid",
+    spacing: Sequence[float] | None = None,
+) -> dict[int, tuple[int, ...]]:
+    """Centre pixel of each object ``ids[k]`` of ``labels``, given a box that holds all its
+    pixels (``boxes[k]``, need not be tight): :func:`object_centers` for these objects, without
+    searching the image for them.
+    """
+    name = _check_method(method)
+    ids_array = np.asarray(ids, dtype=np.int64)
+    if name == "medoid":
+        return _object_medoids(labels, ids_array, list(boxes), spacing)
+    centers: dict[int, tuple[int, ...]] = {}
+    for obj_id, box in zip(ids_array.tolist(), boxes, strict=True):
+        coords = np.argwhere(labels[box] == obj_id) + np.array([b.start for b in box])
+        centers[obj_id] = tuple(int(v) for v in center_of(coords, method, spacing))
+    return centers
+
+
+#: Up to this many objects share one FFT grid (the largest of theirs): for the few cut objects
+#: of a training crop, one batched FFT costs less than one per size class.
+_ONE_GROUP_MAX = 16
+
+
 def _object_medoids(
     labels: np.ndarray, ids: np.ndarray, slices: list[tuple[slice, ...]], spacing: Sequence[float] | None
 ) -> dict[int, tuple[int, ...]]:
@@ -477,8 +504,9 @@ def _object_medoids(
     if pixel_size.shape != (ndim,) or not np.all(pixel_size > 0):
         raise UserError(f"spacing must have {ndim} positive values, got {pixel_size.tolist()}")
     centers: dict[int, tuple[int, ...]] = {}
-    # Grouped by the size class of the longest box side (few groups, hence few FFT calls);
-    # a group's grid is the per-axis largest of its members' grids.
+    # Grouped by the size class of the longest box side (few groups, hence few FFT calls), or
+    # all in one group when there are few objects; a group's grid is the per-axis largest of
+    # its members' grids.
     groups: dict[int, list[tuple[int, tuple[slice, ...]]]] = {}
     grids: dict[int, np.ndarray] = {}
     for obj_id, box in zip(ids.tolist(), slices, strict=True):
@@ -487,7 +515,7 @@ def _object_medoids(
             coords = np.argwhere(labels[box] == obj_id) + np.array([b.start for b in box])
             centers[obj_id] = tuple(int(v) for v in center_of(coords, "medoid", spacing))
             continue
-        key = max(grid)
+        key = 0 if len(ids) <= _ONE_GROUP_MAX else max(grid)
         groups.setdefault(key, []).append((obj_id, box))
         grids[key] = np.maximum(grids.get(key, grid), grid)
     for key, members in groups.items():

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from embseg.centers import _check_method, center_of, check_labels, object_centers, object_slices
+from embseg.centers import (
+    _check_method,
+    center_of,
+    centers_in_boxes,
+    check_labels,
+    object_centers,
+    object_slices,
+)
 from embseg.errors import UserError
 
 #: Foreground weight of the seed loss in 2D (the original's constant).
@@ -260,8 +267,12 @@ class ObjectTable:
             centers[k] = self.center(int(rows[k])) - origin
         cut = np.flatnonzero(~inside)
         if len(cut):  # the visible parts of all cut objects at once (batched medoids)
-            visible = np.where(np.isin(mask_crop, present[cut]), mask_crop, 0)
-            found = object_centers(visible, self.center_method, self.spacing)
+            # Each visible part lies in its object's box clipped to the crop.
+            lo = np.maximum(starts[cut], origin) - origin
+            hi = np.minimum(stops[cut], origin + crop) - origin
+            boxes = [tuple(slice(int(a), int(b)) for a, b in zip(lo_k, hi_k, strict=True))
+                     for lo_k, hi_k in zip(lo, hi, strict=True)]
+            found = centers_in_boxes(mask_crop, present[cut], boxes, self.center_method, self.spacing)
             for k in cut:
                 centers[k] = found[int(present[k])]
         return centers
