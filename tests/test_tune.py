@@ -110,3 +110,35 @@ def test_cli_tune_on_the_validation_split_of_a_training_config(tmp_path, capsys)
     assert "on 1 images" in capsys.readouterr().out  # one of three images is the validation split
     assert main(["tune", "-m", str(model_dir), "--device", "cpu"]) == 2
     assert "--images and --masks, or --config" in capsys.readouterr().err
+
+
+def test_min_size_is_tuned_only_from_the_data_rule_size():
+    from embseg.tune import min_size_grid, tune_model
+
+    assert min_size_grid(21) == (21, 32, 42) and min_size_grid(0) == (0,)
+    truth = disks(shape=(64, 64), r2=40)  # four disks of ~121 px
+    step = grid_step(2)
+    raw = with_seed_peak(masks_to_ideal_raw(truth, step), truth, peak=0.95)
+    # Two background fragments of 6x6 px, confident seeds whose 8-px ellipse holds all 36 pixels.
+    for y, x in ((2, 2), (56, 30)):
+        raw[-1, y : y + 6, x : x + 6] = 5.0
+        raw[2:4, y : y + 6, x : x + 6] = float(np.log(np.log(2.0) / (8 * step[-1]) ** 2) / 10)
+    best = tune_thresholds([raw], [truth], ModelConfig(ndim=2, grid_step=list(step), min_size=20),
+                           size_grid=(20, 40))
+    assert best["min_size"] == 40 and best["ap"] == 1.0  # 36-px fragments are objects at 20
+    assert {r["min_size"] for r in best["table"]} == {20, 40}
+
+    def tiny_model(base):
+        config = ModelConfig(ndim=2, grid_step=list(step), min_size=20, seed_thresh=0.9, fg_thresh=0.5)
+        config.training = {} if base is None else {"base_min_size": base}
+        model = Model(config, build_network(config))
+        model.predict_raw = lambda image, **kwargs: raw  # the network is beside the point here
+        return model
+
+    image = np.zeros((1, 64, 64), np.float32)
+    tuned = tiny_model(20)
+    assert tune_model(tuned, [image], [truth], device="cpu", normalized=True)["min_size"] == 40
+    assert tuned.config.min_size == 40
+    fixed = tiny_model(None)  # min_size chosen by the user (or an older model): kept
+    assert tune_model(fixed, [image], [truth], device="cpu", normalized=True)["min_size"] == 20
+    assert fixed.config.min_size == 20

@@ -268,7 +268,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         best = tune_model(model, images, masks, device=args.device, tta=args.tta, axes=axes, sources=names)
     what = "with TTA " if args.tta else ""
     print(f"best {what}on {len(images)} images: seed_thresh {best['seed_thresh']:.2f}, fg_thresh "
-          f"{best['fg_thresh']:.2f}, mean AP@0.5 {best['ap']:.3f}, AP@0.75 {best['ap75']:.3f}")
+          f"{best['fg_thresh']:.2f}, min_size {best['min_size']}, mean AP@0.5 {best['ap']:.3f}, "
+          f"AP@0.75 {best['ap75']:.3f}")
     if args.dry_run:
         return 0
     model.config.training["tuning_tta" if args.tta else "tuning"] = best

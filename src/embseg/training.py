@@ -159,7 +159,9 @@ def model_config_for(config: TrainConfig, data: TrainingData) -> ModelConfig:
         crop_size=list(props["crop_size"]),
         name=name,
         training={"config": config.to_dict(), "seed": config.seed, "versions": _versions(),
-                  "data": {k: _jsonable(v) for k, v in props.items()}},
+                  "data": {k: _jsonable(v) for k, v in props.items()},
+                  # min_size from the data rule: tuning may raise it (embseg.tune.min_size_grid)
+                  "base_min_size": min_size if config.min_size is None else None},
     )
 
 
@@ -671,7 +673,8 @@ def finish_training(out: Path, data: TrainingData, config: TrainConfig, progress
             model.config.training["tuning_tta" if tta else "tuning"] = best
             if progress:
                 print(f"tuned thresholds{' for TTA' if tta else ''}: seed_thresh {best['seed_thresh']:.2f}, "
-                      f"fg_thresh {best['fg_thresh']:.2f} (val AP@0.5 {best['ap']:.3f} on {len(images)} images)",
+                      f"fg_thresh {best['fg_thresh']:.2f}, min_size {best['min_size']} "
+                      f"(val AP@0.5 {best['ap']:.3f} on {len(images)} images)",
                       file=sys.stderr)
         model.net.cpu()
         model.save(out)
