@@ -449,17 +449,10 @@ def object_centers(
     >>> object_centers(labels)
     {7: (2, 2)}
     """
-    name = _check_method(method)
+    _check_method(method)
     labels = check_labels(labels)
     ids, slices = object_slices(labels)
-    if name == "medoid":
-        return _object_medoids(labels, ids, slices, spacing)
-    centers: dict[int, tuple[int, ...]] = {}
-    for obj_id, box in zip(ids, slices, strict=True):
-        coords = np.argwhere(labels[box] == obj_id)
-        coords += np.array([s.start for s in box])
-        centers[int(obj_id)] = tuple(int(v) for v in center_of(coords, method, spacing))
-    return centers
+    return centers_in_boxes(labels, ids, slices, method, spacing)
 
 
 def centers_in_boxes(
