@@ -25,7 +25,9 @@ def test_flags_override_file_and_coerce():
 
 
 @pytest.mark.parametrize("key,value", [("epochs", 0), ("lr", -1.0), ("seed_thresh", 1.5),
-                                       ("batch_size", -2), ("crop_size", [60, 64])])
+                                       ("batch_size", -2), ("crop_size", [60, 64]),
+                                       ("image_balance", -0.5),
+                                       ("intensity_augment", 3.0)])
 def test_invalid_values_rejected(key, value):
     with pytest.raises(UserError, match=key):
         config_from_dict({key: value}).validate()

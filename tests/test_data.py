@@ -355,6 +355,48 @@ def test_non_square_crop_and_default_collate():
     assert tuple(batch["instances"].shape) == (4, 24, 40)
 
 
+@pytest.mark.parametrize("balance, shares", [
+    (0.0, [1 / 21, 4 / 21, 16 / 21]),  # uniform over objects
+    (0.5, [1 / 7, 2 / 7, 4 / 7]),  # an image's share grows as sqrt(n)
+    (1.0, [1 / 3, 1 / 3, 1 / 3]),  # uniform over images
+])
+def test_image_balance_shares_object_crops_out_over_images(balance, shares):
+    masks, images = [], []
+    for k, n in enumerate([1, 4, 16]):
+        mask = np.zeros((64, 64), np.uint16)
+        for i in range(n):
+            r, c = divmod(i, 4)
+            mask[r * 16 + 2:r * 16 + 8, c * 16 + 2:c * 16 + 8] = i + 1
+        masks.append(mask)
+        images.append(np.full((1, 64, 64), k, np.float32))  # the image's index in every pixel
+    ds = TrainingCrops(images, masks, (32, 32), 2000, random_crop_fraction=0.0, augment=False,
+                       image_balance=balance, seed=1)
+    drawn = np.bincount([int(ds[i]["image"][0, 0, 0]) for i in range(len(ds))], minlength=3)
+    np.testing.assert_allclose(drawn / drawn.sum(), shares, atol=0.03)
+    with pytest.raises(UserError, match="image_balance"):
+        TrainingCrops(images, masks, (32, 32), 5, image_balance=1.5)
+
+
+def test_intensity_augment_is_an_affine_change_of_the_same_crop():
+    plain, _ = label_image_dataset(seed=4)
+    jittered, _ = label_image_dataset(seed=4, intensity_augment=0.5)
+    scales = []
+    for i in range(20):
+        a, b = plain[i], jittered[i]
+        # same geometry: the intensity draw comes after the crop and the dihedral transform
+        np.testing.assert_array_equal(a["instances"], b["instances"])
+        np.testing.assert_array_equal(a["centers"], b["centers"])
+        x, y = a["image"].numpy().ravel(), b["image"].numpy().ravel()
+        scale, offset = np.polyfit(x, y, 1)
+        np.testing.assert_allclose(y, scale * x + offset, atol=1e-4)
+        assert np.exp(-0.5) - 1e-4 <= scale <= np.exp(0.5) + 1e-4 and abs(offset) <= 0.25 + 1e-4
+        scales.append(scale)
+    assert np.ptp(scales) > 0.2  # it does vary between samples
+    assert all(np.array_equal(im, again) for im, again in zip(plain.images, jittered.images, strict=True))
+    with pytest.raises(UserError, match="intensity_augment"):
+        label_image_dataset(intensity_augment=-1.0)
+
+
 def test_random_crops_only_work_without_objects():
     mask = np.zeros((30, 30), np.uint8)
     image = np.zeros((1, 30, 30), np.float32)

@@ -298,12 +298,14 @@ def greedy_labels(
         # operations in the same order as ``(s[k] * diff * diff).sum(axis=1)``.
         centre, bw = emb[k], s[k]
         exponent = None
-        for d in range(ndim):
-            diff = columns[d].take(near)
-            diff -= centre[d]
-            term = bw[d] * diff
-            term *= diff
-            exponent = term if exponent is None else np.add(exponent, term, out=exponent)
+        # An infinite bandwidth times a zero distance is NaN: phi is then not > 0.5 (quietly).
+        with np.errstate(invalid="ignore"):
+            for d in range(ndim):
+                diff = columns[d].take(near)
+                diff -= centre[d]
+                term = bw[d] * diff
+                term *= diff
+                exponent = term if exponent is None else np.add(exponent, term, out=exponent)
         proposal = near[np.exp(-exponent) > PHI_THRESHOLD]
         n_free = proposal.size - int(np.count_nonzero(clustered[proposal]))
         if proposal.size >= min_size and 2 * n_free > proposal.size:

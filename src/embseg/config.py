@@ -59,6 +59,8 @@ class TrainConfig:
     fg_weight: float | None = None
     center: str = "medoid"
     random_crop_fraction: float = 0.1
+    image_balance: float = 0.0
+    intensity_augment: float = 0.0
     augment: bool = True
     seed: int = 0
     device: str = "auto"
@@ -88,10 +90,13 @@ class TrainConfig:
                 raise UserError(f"config: {key} must be > 0, got {getattr(self, key)}")
         if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
             raise UserError(f"config: time_limit_minutes must be > 0, got {self.time_limit_minutes}")
-        for key in ["seed_thresh", "fg_thresh", "val_fraction", "random_crop_fraction"]:
+        for key in ["seed_thresh", "fg_thresh", "val_fraction", "random_crop_fraction",
+                    "image_balance"]:
             v = getattr(self, key)
             if not 0 <= v <= 1:
                 raise UserError(f"config: {key} must be in [0, 1], got {v}")
+        if not 0 <= self.intensity_augment <= 2:
+            raise UserError(f"config: intensity_augment must be in [0, 2] (0 = off), got {self.intensity_augment}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"config: ema_decay must be in [0, 1) (0 = no weight average), got {self.ema_decay}")
         if self.fg_weight is not None and self.fg_weight <= 0:

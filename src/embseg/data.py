@@ -1,8 +1,9 @@
 """Training samples: dataset properties, the object table and on-the-fly object-centred crops.
 
 No crop files are written: :class:`TrainingCrops` cuts each sample from in-memory, already
-normalised images at ``__getitem__`` time. A sample is an object drawn uniformly from all objects
-of all images with a crop around it (random jitter, clipped to the image), or, for a share
+normalised images at ``__getitem__`` time. A sample is an object drawn from all objects of all
+images (uniformly by default; ``image_balance`` shifts the draw towards images with few objects)
+with a crop around it (random jitter, clipped to the image), or, for a share
 ``random_crop_fraction`` of the samples, a crop at a uniformly random position. Images smaller
 than the crop are padded (image with its per-channel minimum, labels with 0), never dropped.
 
@@ -325,6 +326,19 @@ def apply_dihedral(
     return array
 
 
+def _object_cdf(image_index: np.ndarray, n_images: int, balance: float) -> np.ndarray | None:
+    """Cumulative draw probabilities of the object rows, ``n_image ** -balance`` each.
+
+    ``None`` for ``balance == 0`` (uniform over objects, drawn with ``rng.integers``).
+    """
+    if balance == 0.0 or image_index.size == 0:
+        return None
+    counts = np.bincount(image_index, minlength=n_images).astype(np.float64)
+    weights = counts[image_index] ** -balance
+    cdf = np.cumsum(weights)
+    return cdf / cdf[-1]
+
+
 class TrainingCrops(Dataset):
     """Object-centred training crops cut on the fly, with dihedral augmentation.
 
@@ -353,6 +367,17 @@ class TrainingCrops(Dataset):
         Random shift of an object-centred crop, as a fraction of the free room: 0 centres the
         crop on the object's bounding box, 1 places the box anywhere inside the crop (objects
         larger than the crop: the crop anywhere inside the box).
+    image_balance
+        How object-centred samples share out over images: an object of an image with ``n``
+        objects is drawn with probability proportional to ``n ** -image_balance``. 0 (default)
+        draws every object equally often, so images with many objects get most crops; 1 gives
+        every image (with objects) the same share; 0.5 sits between (an image's share grows
+        as ``sqrt(n)``).
+    intensity_augment
+        Strength ``s`` of a random intensity change per sample (0 = off): the crop's normalised
+        intensities become ``x * exp(u * s) + v * s / 2`` with ``u, v`` uniform in ``[-1, 1]``
+        (all channels alike), so 0.5 scales by 0.61-1.65 and shifts by up to 0.25. Drawn after
+        the dihedral transform, so the geometry of a sample does not depend on it.
 
     Notes
     -----
@@ -377,6 +402,8 @@ class TrainingCrops(Dataset):
         spacing: Sequence[float] | None = None,
         seed: int = 0,
         jitter: float = 0.5,
+        image_balance: float = 0.0,
+        intensity_augment: float = 0.0,
     ) -> None:
         if len(images) != len(masks):
             raise UserError(f"got {len(images)} images but {len(masks)} masks")
@@ -392,6 +419,10 @@ class TrainingCrops(Dataset):
             raise UserError(f"random_crop_fraction must lie in [0, 1], got {random_crop_fraction}")
         if not 0.0 <= jitter <= 1.0:
             raise UserError(f"jitter must lie in [0, 1], got {jitter}")
+        if not 0.0 <= image_balance <= 1.0:
+            raise UserError(f"image_balance must lie in [0, 1], got {image_balance}")
+        if not 0.0 <= intensity_augment <= 2.0:
+            raise UserError(f"intensity_augment must lie in [0, 2], got {intensity_augment}")
         self.images = []
         for k, (image, mask) in enumerate(zip(images, masks, strict=True)):
             image = np.asarray(image, dtype=np.float32)
@@ -421,6 +452,9 @@ class TrainingCrops(Dataset):
         ]
         pixels = np.array([m.size for m in self.masks], dtype=np.float64)
         self._image_weights = pixels / pixels.sum()
+        self.image_balance = float(image_balance)
+        self.intensity_augment = float(intensity_augment)
+        self._object_cdf = _object_cdf(self.table.image_index, len(self.masks), self.image_balance)
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -440,7 +474,11 @@ class TrainingCrops(Dataset):
             low = np.minimum(0, shape - crop)
             high = np.maximum(0, shape - crop)
             return image, low + np.floor(rng.random(self.ndim) * (high - low + 1)).astype(np.int64)
-        row = int(rng.integers(len(self.table)))
+        if self._object_cdf is None:
+            row = int(rng.integers(len(self.table)))
+        else:
+            row = min(int(np.searchsorted(self._object_cdf, rng.random(), side="right")),
+                      len(self.table) - 1)
         image = int(self.table.image_index[row])
         shape = np.array(self.masks[image].shape)
         start, stop = self.table.starts[row], self.table.stops[row]
@@ -495,7 +533,11 @@ class TrainingCrops(Dataset):
             instances = apply_dihedral(instances, ops)
             centers_image = apply_dihedral(centers_image, ops)
         image_out = np.ascontiguousarray(image_crop)
-        if np.may_share_memory(image_out, self.images[image_index]):
+        if self.intensity_augment > 0:
+            u, v = rng.uniform(-1.0, 1.0, 2)
+            strength = self.intensity_augment
+            image_out = image_out * np.float32(math.exp(u * strength)) + np.float32(v * strength / 2)
+        elif np.may_share_memory(image_out, self.images[image_index]):
             image_out = image_out.copy()
         return {
             "image": torch.from_numpy(image_out),

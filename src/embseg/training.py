@@ -476,7 +476,8 @@ def train(
     crops = TrainingCrops(data.train_images, data.train_masks, crop_size=crop,
                           samples_per_epoch=config.samples_per_epoch,
                           random_crop_fraction=config.random_crop_fraction, augment=config.augment,
-                          center_method=config.center, spacing=spacing, seed=config.seed)
+                          center_method=config.center, spacing=spacing, seed=config.seed,
+                          image_balance=config.image_balance, intensity_augment=config.intensity_augment)
     val_crops = None
     if config.val_metric == "iou":
         val_crops = TrainingCrops(data.val_images, data.val_masks, crop_size=crop,
