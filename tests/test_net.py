@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from embseg.fold import fold_batchnorm
 from embseg.net import BranchedERFNet, receptive_field_halo, receptive_field_radius
 
 torch.set_num_threads(1)
@@ -137,3 +138,50 @@ def test_tile_with_halo_reproduces_whole_image(ndim):
         # A much smaller halo does not reproduce it: the check can fail.
         small = net(x[..., core.start - 64 : core.stop + 64])[..., 64:224]
         assert (small - whole).abs().max() > 1e-4 * whole.abs().max()
+
+
+def _with_batch_statistics(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Batch norms with non-trivial running statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    return net
+
+
+@pytest.mark.parametrize("ndim, shape", [(2, (2, 1, 48, 40)), (3, (1, 1, 16, 24, 16))])
+def test_fold_batchnorm_equals_eval_network_and_leaves_it_alone(ndim, shape):
+    torch.manual_seed(ndim)
+    net = _with_batch_statistics(BranchedERFNet(ndim))
+    with torch.no_grad():  # non-zero output weights, so that every output channel depends on the input
+        net.decoders[0].output_conv.weight.normal_(0, 0.1)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fused = fold_batchnorm(net)
+    assert net.training and not fused.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)) for m in fused.modules())
+    x = torch.randn(*shape)
+    net.eval()
+    with torch.no_grad():
+        expected = net(x)
+        got = fused(x)
+    assert expected.abs().max() > 0.1
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # Not the identity: the folded weights differ from the originals.
+    assert not torch.equal(fused.decoders[1].layers[0].conv.weight, net.decoders[1].layers[0].conv.weight)
+
+
+def test_inplace_relu_without_autograd_gives_the_same_outputs():
+    torch.manual_seed(0)
+    net = _with_batch_statistics(BranchedERFNet(2)).eval()
+    x = torch.randn(1, 1, 32, 32, requires_grad=True)
+    with_grad = net(x)  # the out-of-place path (autograd on)
+    with torch.inference_mode():
+        without = net(x.detach())
+    assert torch.equal(with_grad.detach(), without)
+    with_grad.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

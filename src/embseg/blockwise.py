@@ -137,8 +137,8 @@ def predict_labels_blockwise(
     seeds = np.zeros(spatial, dtype=np.float32) if return_seeds else None
     device, batch_size, channels_last = _check_args(image, ndim, device, batch_size, None)
     transforms = tta_transforms(ndim) if tta else [TTATransform(ndim)]
-    with _inference(net, device, amp, ndim, channels_last):
-        outputs = _tile_outputs(net, image, [_as_tile(b) for b in blocks], transforms, batch_size, device,
+    with _inference(net, device, amp, ndim, channels_last) as run:
+        outputs = _tile_outputs(run, image, [_as_tile(b) for b in blocks], transforms, batch_size, device,
                                 progress, channels_last)
         for block, (_, raw) in zip(blocks, outputs, strict=True):
             seediness = seed_map(raw)

@@ -37,6 +37,11 @@ def _ops(ndim: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module], 
     raise ValueError(f"ndim must be 2 or 3, got {ndim}")
 
 
+def _relu(x: torch.Tensor) -> torch.Tensor:
+    """ReLU, in place when autograd is off (every caller passes a fresh intermediate)."""
+    return torch.relu(x) if torch.is_grad_enabled() else x.relu_()
+
+
 class Downsampler(nn.Module):
     """Halve the resolution: concat(strided 3-conv (in→out−in), max-pool(input)) → BN → ReLU.
 
@@ -57,7 +62,7 @@ class Downsampler(nn.Module):
         y = self.conv(x)
         if self.pool is not None:
             y = torch.cat([y, self.pool(x)], dim=1)
-        return torch.relu(self.bn(y))
+        return _relu(self.bn(y))
 
 
 class NonBottleneck1d(nn.Module):
@@ -88,14 +93,14 @@ class NonBottleneck1d(nn.Module):
     def _half(convs: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for i, c in enumerate(convs):
             if i:
-                x = torch.relu(x)
+                x = _relu(x)
             x = c(x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self._half(self.convs1, x)))
+        out = _relu(self.bn1(self._half(self.convs1, x)))
         out = self.dropout(self.bn2(self._half(self.convs2, out)))
-        return torch.relu(out + x)
+        return torch.relu(out + x) if torch.is_grad_enabled() else out.add_(x).relu_()
 
 
 class Upsampler(nn.Module):
@@ -108,7 +113,7 @@ class Upsampler(nn.Module):
         self.bn = norm(out_channels, eps=1e-3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(self.conv(x)))
+        return _relu(self.bn(self.conv(x)))
 
 
 class Encoder(nn.Module):

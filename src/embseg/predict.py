@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from embseg.cluster import _at_least, _candidates, _geometry, cluster, greedy_labels, seed_map
 from embseg.embedding import n_output_channels
+from embseg.fold import fold_batchnorm
+from embseg.net import BranchedERFNet
 from embseg.tiling import Tile, pad_to_multiple, tile_grid
 
 #: Output stride of the network: inputs are padded to multiples of it, tiles aligned to it.
@@ -238,7 +240,10 @@ def predict_raw(
     ----------
     net
         Any module mapping ``(B, C, *S)`` to ``(B, 2*ndim+1, *S)`` for ``S`` multiples of 8.
-        It is moved to ``device`` and put in eval mode (its train/eval mode is restored).
+        A :class:`~embseg.net.BranchedERFNet` runs as an eval-mode copy with its batch norms
+        folded into the convolutions (:func:`~embseg.fold.fold_batchnorm`; outputs equal to
+        ``net.eval()``'s up to float rounding, ≈1e-6) and is left untouched; any other module is
+        moved to ``device`` and put in eval mode (its train/eval mode is restored).
     image
         Normalised image ``(C, *spatial)``; anything NumPy-sliceable (a Zarr array works:
         only the tiles are read).
@@ -264,8 +269,8 @@ def predict_raw(
     progress
         Show a progress bar over tiles.
     channels_last
-        Run the network on channels-last tensors (the module's parameters are converted for
-        the call and converted back); ``None``: :func:`default_channels_last` of the device.
+        Run the network on channels-last tensors (the folded copy, or the module's parameters
+        for the call and then put back); ``None``: :func:`default_channels_last` of the device.
         Changes the outputs only by float rounding (~1e-7).
 
     Returns
@@ -277,9 +282,9 @@ def predict_raw(
     tiles, transforms = _plan(image, ndim, tile_shape, halo, tta)
     spatial = tuple(int(n) for n in image.shape[1:])
     out = torch.empty((n_output_channels(ndim), *spatial), dtype=torch.float32)
-    with _inference(net, device, amp, ndim, channels_last):
+    with _inference(net, device, amp, ndim, channels_last) as run:
         for tile, raw in _tile_outputs(
-            net, image, tiles, transforms, batch_size, device, progress, channels_last
+            run, image, tiles, transforms, batch_size, device, progress, channels_last
         ):
             out[(slice(None), *tile.core)] = raw
     return out
@@ -308,9 +313,21 @@ def _plan(
 @contextlib.contextmanager
 def _inference(
     net: torch.nn.Module, device: torch.device, amp: bool, ndim: int, channels_last: bool
-) -> Iterator[None]:
-    """The network on ``device`` in eval mode (optionally channels-last), inference mode and
-    autocast; the module's mode and parameter layout are restored afterwards."""
+) -> Iterator[torch.nn.Module]:
+    """The module to run for inference, with inference mode and autocast on.
+
+    A :class:`~embseg.net.BranchedERFNet` runs as :func:`~embseg.fold.fold_batchnorm`'s copy
+    on ``device`` (optionally channels-last); ``net`` itself is not touched. Any other module
+    runs itself: moved to ``device``, in eval mode (optionally channels-last), and its mode and
+    parameter tensors are restored afterwards.
+    """
+    if isinstance(net, BranchedERFNet):
+        run = fold_batchnorm(net).to(device)
+        if channels_last:
+            run.to(memory_format=_memory_format(ndim))
+        with torch.inference_mode(), _autocast(device, amp):
+            yield run
+        return
     was_training = net.training
     net.to(device).eval()
     # The parameters' own tensors are put back afterwards (not a layout conversion): a net in
@@ -321,7 +338,7 @@ def _inference(
         net.to(memory_format=_memory_format(ndim))
     try:
         with torch.inference_mode(), _autocast(device, amp):
-            yield
+            yield net
     finally:
         net.train(was_training)
         for param, data in saved:
@@ -410,9 +427,9 @@ def predict_labels_streamed(
     spatial = tuple(int(n) for n in image.shape[1:])
     seeds = np.zeros(spatial, dtype=np.float32) if return_seeds else None
     index_parts, seed_parts, emb_parts, s_parts = [], [], [], []
-    with _inference(net, device, amp, ndim, channels_last):
+    with _inference(net, device, amp, ndim, channels_last) as run:
         for tile, raw in _tile_outputs(
-            net, image, tiles, transforms, batch_size, device, progress, channels_last
+            run, image, tiles, transforms, batch_size, device, progress, channels_last
         ):
             local, seed = _candidates(raw, fg_thresh)
             origin = [c.start for c in tile.core]

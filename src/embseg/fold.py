@@ -1,0 +1,84 @@
+"""Batch-norm folding: the inference form of :class:`~embseg.net.BranchedERFNet`.
+
+In eval mode a batch norm is a fixed per-channel affine map, and each one in the network
+follows a (transposed) convolution, so it can be folded into that convolution's weights and
+bias. Prediction (:mod:`embseg.predict`) runs such a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from embseg.net import BranchedERFNet, Downsampler, NonBottleneck1d, Upsampler
+
+
+class _ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel: a folded batch norm with no convolution before it."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(self.shift.reshape(shape), x, self.scale.reshape(shape))
+
+
+def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and shift of an eval-mode batch norm: ``bn(x) == x * scale + shift``."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def _fold_into(conv: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Make ``conv(x) * scale + shift`` (per output channel) the convolution itself."""
+    transposed = isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d))
+    out_axis = 1 if transposed else 0  # ConvTranspose weights are (in, out, *kernel)
+    shape = [1] * conv.weight.dim()
+    shape[out_axis] = -1
+    conv.weight.copy_(conv.weight * scale.reshape(shape))
+    conv.bias.copy_(conv.bias * scale + shift)
+
+
+@torch.no_grad()
+def fold_batchnorm(net: BranchedERFNet) -> BranchedERFNet:
+    """An inference copy of ``net`` with every batch norm folded into the layer before it.
+
+    In eval mode a batch norm is a fixed per-channel affine map, and each one in the network
+    follows a (transposed) convolution, so it can be folded into that convolution's weights and
+    bias: one pass over the activations fewer per block (measured ≈ 15 % of a CPU forward pass,
+    ``benchmarks/RESULTS.md``). A downsampler's max-pool channels keep their affine map as a
+    small separate step. Outputs equal ``net.eval()``'s up to float rounding (≈ 1e-6).
+
+    Parameters
+    ----------
+    net
+        The network; it is not modified (the copy is made on its device).
+
+    Returns
+    -------
+    BranchedERFNet
+        A copy in eval mode, for inference only: its batch norms are identities (training it
+        would train something else), so its state dict is not a model file's.
+    """
+    fused = copy.deepcopy(net).eval()
+    for block in fused.modules():
+        if isinstance(block, NonBottleneck1d):
+            _fold_into(block.convs1[-1], *_bn_affine(block.bn1))
+            _fold_into(block.convs2[-1], *_bn_affine(block.bn2))
+            block.bn1, block.bn2 = nn.Identity(), nn.Identity()
+        elif isinstance(block, Upsampler):
+            _fold_into(block.conv, *_bn_affine(block.bn))
+            block.bn = nn.Identity()
+        elif isinstance(block, Downsampler):
+            scale, shift = _bn_affine(block.bn)
+            n = block.conv.out_channels
+            _fold_into(block.conv, scale[:n], shift[:n])
+            if block.pool is not None:
+                block.pool = nn.Sequential(block.pool, _ChannelAffine(scale[n:], shift[n:]))
+            block.bn = nn.Identity()
+    return fused
