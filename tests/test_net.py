@@ -185,3 +185,38 @@ def test_inplace_relu_without_autograd_gives_the_same_outputs():
     assert torch.equal(with_grad.detach(), without)
     with_grad.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("dilation", [1, 4])
+def test_axis_conv3d_channels_last_runs_as_2d_and_equals_3d(axis, dilation):
+    from embseg.net import AxisConv3d
+
+    torch.manual_seed(axis)
+    kernel = tuple(3 if a == axis else 1 for a in range(3))
+    padding = tuple(dilation if a == axis else 0 for a in range(3))
+    dilations = tuple(dilation if a == axis else 1 for a in range(3))
+    conv = AxisConv3d(6, 5, kernel, padding=padding, dilation=dilations)
+    plain = nn.Conv3d(6, 5, kernel, padding=padding, dilation=dilations)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 6, 7, 9, 10, requires_grad=True)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+    expected = plain(x)
+    got = conv(x_cl)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conv(x), expected, rtol=0, atol=0)  # other layouts: the 3D path
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    got.backward(grad)
+    torch.testing.assert_close(x_cl.grad, x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_3d_network_channels_last_gives_same_output():
+    torch.manual_seed(3)
+    net = randomise_outputs(BranchedERFNet(3)).eval()
+    x = torch.randn(1, 1, 16, 24, 32)
+    with torch.no_grad():
+        ref = net(x)
+        out = net.to(memory_format=torch.channels_last_3d)(x.contiguous(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
