@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/ab_same_process.py cluster-trees   # one KD-tree vs two (threads)
     .venv/bin/python benchmarks/ab_same_process.py medoid-groups   # FFT grids per size class vs one
+    .venv/bin/python benchmarks/ab_same_process.py predict-2d      # network as is / BN folded (/ 2D axis convs)
+    .venv/bin/python benchmarks/ab_same_process.py predict-3d
 
 Uses the inputs built by ``run.py`` (``benchmarks/_work/inputs/full``). Each variant's output is
 checked equal to the other's. Small changes drown in the machine's load swings between runs;
@@ -25,7 +27,39 @@ sys.path.insert(0, str(HERE))
 import worker  # noqa: E402
 
 
+def _predict_variants(name: str):
+    """Prediction with the network as it is, with its batch norms folded, and (3D) with the 1-D
+    convolutions as 2D ones on a view; in-place ReLU is on in every variant."""
+    import copy
+
+    import embseg.fold as module
+    from embseg.net import AxisConv3d
+
+    folder = HERE / "_work" / "inputs" / "full" / name.replace("-", "_")
+    meta = json.loads((folder / "meta.json").read_text())
+    run, _ = worker.bench_predict("ours", folder, meta, tta=False)
+    fold, axis_2d = module.fold_batchnorm, AxisConv3d.forward
+
+    def variant(folded: bool, views: bool):
+        cache = type(module._FOLDED)()
+
+        def switch():
+            # Every variant keeps its own (folded or plain) copy between calls, as predicting a
+            # folder with one model does (embseg.fold.folded_for_inference).
+            module._FOLDED = cache
+            module.fold_batchnorm = fold if folded else (lambda net: copy.deepcopy(net).eval())
+            AxisConv3d.forward = axis_2d if views else torch.nn.Conv3d.forward
+        return switch
+
+    variants = {"network as is": variant(False, False), "batch norm folded": variant(True, False)}
+    if name.endswith("3d"):
+        variants["folded + 2D axis convs"] = variant(True, True)
+    return run, variants, time.perf_counter
+
+
 def _variants(name: str):
+    if name.startswith("predict"):
+        return _predict_variants(name)
     folder = HERE / "_work" / "inputs" / "full" / ("cluster_3d" if name == "cluster-trees" else "medoid")
     meta = json.loads((folder / "meta.json").read_text())
     if name == "cluster-trees":
@@ -43,7 +77,7 @@ def _variants(name: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=("cluster-trees", "medoid-groups"))
+    parser.add_argument("what", choices=("cluster-trees", "medoid-groups", "predict-2d", "predict-3d"))
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -57,7 +91,7 @@ def main() -> None:
             start = clock()
             outputs[name] = run()
             times[name].append(clock() - start)
-    same = np.array_equal(outputs[names[0]], outputs[names[1]])
+    same = all(np.array_equal(outputs[names[0]], outputs[n]) for n in names[1:])
     for name in names:
         print(f"{name:28s} min {min(times[name]) * 1e3:7.1f} ms  median {np.median(times[name]) * 1e3:7.1f} ms")
     print(f"outputs equal: {same}")

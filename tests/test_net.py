@@ -220,3 +220,30 @@ def test_3d_network_channels_last_gives_same_output():
         ref = net(x)
         out = net.to(memory_format=torch.channels_last_3d)(x.contiguous(memory_format=torch.channels_last_3d))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_folded_copy_is_cached_until_the_weights_change():
+    from embseg.fold import folded_for_inference
+
+    torch.manual_seed(0)
+    net = randomise_outputs(BranchedERFNet(2))
+    x = torch.randn(1, 1, 32, 32)
+    first = folded_for_inference(net, "cpu")
+    assert folded_for_inference(net, "cpu") is first
+    assert folded_for_inference(net, "cpu", torch.channels_last) is not first  # another layout
+    with torch.no_grad():
+        before = first(x)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
+    net.train()
+    net(torch.randn(2, 1, 32, 32)).square().mean().backward()  # also updates the BN statistics
+    optimizer.step()
+    second = folded_for_inference(net, "cpu")
+    assert second is not first
+    net.eval()
+    with torch.no_grad():
+        after = second(x)
+        torch.testing.assert_close(after, net(x), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(after, before)
+    other = randomise_outputs(BranchedERFNet(2))
+    net.load_state_dict(other.state_dict())
+    assert folded_for_inference(net, "cpu") is not second

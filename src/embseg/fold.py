@@ -8,6 +8,7 @@ bias. Prediction (:mod:`embseg.predict`) runs such a copy.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from torch import nn
@@ -81,4 +82,37 @@ def fold_batchnorm(net: BranchedERFNet) -> BranchedERFNet:
             if block.pool is not None:
                 block.pool = nn.Sequential(block.pool, _ChannelAffine(scale[n:], shift[n:]))
             block.bn = nn.Identity()
+    return fused
+
+
+#: Folded copies of live networks: net -> (state key, copy); an entry goes with its network.
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _state_key(net: nn.Module, device: torch.device, memory_format: torch.memory_format) -> tuple:
+    """Changes whenever a parameter or buffer of ``net`` is replaced or modified in place
+    (optimizer steps, ``load_state_dict``, device moves bump a tensor's version or move it)."""
+    tensors = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in net.state_dict().values())
+    return (str(device), str(memory_format), tensors)
+
+
+def folded_for_inference(
+    net: BranchedERFNet, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format
+) -> BranchedERFNet:
+    """:func:`fold_batchnorm` of ``net`` on ``device`` in ``memory_format``, cached per network.
+
+    The copy (≈ 40 ms for the 2D network on the CPU, 4–15 % of predicting a megapixel image or a
+    small volume) is made again only when a parameter or batch-norm statistic of ``net`` has
+    changed since (for instance by a training step), so predicting a folder of images with one
+    model folds it once. ``net`` itself is never modified.
+    """
+    device = torch.device(device)
+    key = _state_key(net, device, memory_format)
+    cached = _FOLDED.get(net)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fused = fold_batchnorm(net).to(device)
+    if memory_format != torch.contiguous_format:
+        fused = fused.to(memory_format=memory_format)
+    _FOLDED[net] = (key, fused)
     return fused

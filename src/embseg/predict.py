@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from embseg.cluster import _at_least, _candidates, _geometry, cluster, greedy_labels, seed_map
 from embseg.embedding import n_output_channels
-from embseg.fold import fold_batchnorm
+from embseg.fold import folded_for_inference
 from embseg.net import BranchedERFNet
 from embseg.tiling import Tile, pad_to_multiple, tile_grid
 
@@ -316,15 +316,14 @@ def _inference(
 ) -> Iterator[torch.nn.Module]:
     """The module to run for inference, with inference mode and autocast on.
 
-    A :class:`~embseg.net.BranchedERFNet` runs as :func:`~embseg.fold.fold_batchnorm`'s copy
-    on ``device`` (optionally channels-last); ``net`` itself is not touched. Any other module
+    A :class:`~embseg.net.BranchedERFNet` runs as its folded copy on ``device`` (optionally
+    channels-last; :func:`~embseg.fold.folded_for_inference`, cached while ``net``'s weights
+    stay the same); ``net`` itself is not touched. Any other module
     runs itself: moved to ``device``, in eval mode (optionally channels-last), and its mode and
     parameter tensors are restored afterwards.
     """
     if isinstance(net, BranchedERFNet):
-        run = fold_batchnorm(net).to(device)
-        if channels_last:
-            run.to(memory_format=_memory_format(ndim))
+        run = folded_for_inference(net, device, _memory_format(ndim) if channels_last else torch.contiguous_format)
         with torch.inference_mode(), _autocast(device, amp):
             yield run
         return
