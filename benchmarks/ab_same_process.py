@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/ab_same_process.py cluster-trees   # one KD-tree vs two (threads)
     .venv/bin/python benchmarks/ab_same_process.py medoid-groups   # FFT grids per size class vs one
-    .venv/bin/python benchmarks/ab_same_process.py predict-2d      # network as is / BN folded (/ 2D axis convs)
+    .venv/bin/python benchmarks/ab_same_process.py predict-2d      # before / ReLU in place / + BN folded (/ + 2D axis convs)
     .venv/bin/python benchmarks/ab_same_process.py predict-3d
 
 Uses the inputs built by ``run.py`` (``benchmarks/_work/inputs/full``). Each variant's output is
@@ -28,19 +28,22 @@ import worker  # noqa: E402
 
 
 def _predict_variants(name: str):
-    """Prediction with the network as it is, with its batch norms folded, and (3D) with the 1-D
-    convolutions as 2D ones on a view; in-place ReLU is on in every variant."""
+    """Prediction with the network as before this pass (batch norms, ReLU out of place), then
+    with ReLU in place, with the batch norms folded as well, and (3D) with the 1-D convolutions
+    as 2D ones on a view as well."""
     import copy
 
     import embseg.fold as module
+    import embseg.net as net_module
     from embseg.net import AxisConv3d
 
     folder = HERE / "_work" / "inputs" / "full" / name.replace("-", "_")
     meta = json.loads((folder / "meta.json").read_text())
     run, _ = worker.bench_predict("ours", folder, meta, tta=False)
     fold, axis_2d = module.fold_batchnorm, AxisConv3d.forward
+    relu, add_relu = net_module._relu, net_module._add_relu
 
-    def variant(folded: bool, views: bool):
+    def variant(in_place: bool, folded: bool, views: bool):
         cache = type(module._FOLDED)()
 
         def switch():
@@ -48,12 +51,15 @@ def _predict_variants(name: str):
             # folder with one model does (embseg.fold.folded_for_inference).
             module._FOLDED = cache
             module.fold_batchnorm = fold if folded else (lambda net: copy.deepcopy(net).eval())
+            net_module._relu = relu if in_place else torch.relu
+            net_module._add_relu = add_relu if in_place else (lambda out, x: torch.relu(out + x))
             AxisConv3d.forward = axis_2d if views else torch.nn.Conv3d.forward
         return switch
 
-    variants = {"network as is": variant(False, False), "batch norm folded": variant(True, False)}
+    variants = {"as before": variant(False, False, False), "ReLU in place": variant(True, False, False),
+                "+ batch norm folded": variant(True, True, False)}
     if name.endswith("3d"):
-        variants["folded + 2D axis convs"] = variant(True, True)
+        variants["+ 2D axis convs"] = variant(True, True, True)
     return run, variants, time.perf_counter
 
 

@@ -247,3 +247,19 @@ def test_folded_copy_is_cached_until_the_weights_change():
     other = randomise_outputs(BranchedERFNet(2))
     net.load_state_dict(other.state_dict())
     assert folded_for_inference(net, "cpu") is not second
+
+
+def test_network_made_in_inference_mode_is_folded_every_call():
+    from embseg.fold import folded_for_inference
+    from embseg.predict import predict_raw
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        net = randomise_outputs(BranchedERFNet(2))
+    first = folded_for_inference(net, "cpu")
+    assert folded_for_inference(net, "cpu") is not first
+    image = torch.randn(1, 24, 32).numpy()
+    raw = predict_raw(net, image, 2)
+    with torch.inference_mode():
+        expected = net.eval()(torch.from_numpy(image)[None])[0]
+    torch.testing.assert_close(raw, expected, rtol=1e-4, atol=1e-5)

@@ -89,10 +89,14 @@ def fold_batchnorm(net: BranchedERFNet) -> BranchedERFNet:
 _FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
 
-def _state_key(net: nn.Module, device: torch.device, memory_format: torch.memory_format) -> tuple:
+def _state_key(net: nn.Module, device: torch.device, memory_format: torch.memory_format) -> tuple | None:
     """Changes whenever a parameter or buffer of ``net`` is replaced or modified in place
-    (optimizer steps, ``load_state_dict``, device moves bump a tensor's version or move it)."""
-    tensors = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in net.state_dict().values())
+    (optimizer steps, ``load_state_dict``, device moves bump a tensor's version or move it).
+    ``None`` when that cannot be told (tensors made in inference mode have no version counter)."""
+    state = [*net.parameters(), *net.buffers()]
+    if any(t.is_inference() for t in state):
+        return None
+    tensors = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in state)
     return (str(device), str(memory_format), tensors)
 
 
@@ -104,15 +108,17 @@ def folded_for_inference(
     The copy (≈ 40 ms for the 2D network on the CPU, 4–15 % of predicting a megapixel image or a
     small volume) is made again only when a parameter or batch-norm statistic of ``net`` has
     changed since (for instance by a training step), so predicting a folder of images with one
-    model folds it once. ``net`` itself is never modified.
+    model folds it once; a network made in inference mode (no version counters) is folded on
+    every call. ``net`` itself is never modified.
     """
     device = torch.device(device)
     key = _state_key(net, device, memory_format)
     cached = _FOLDED.get(net)
-    if cached is not None and cached[0] == key:
+    if key is not None and cached is not None and cached[0] == key:
         return cached[1]
     fused = fold_batchnorm(net).to(device)
     if memory_format != torch.contiguous_format:
         fused = fused.to(memory_format=memory_format)
-    _FOLDED[net] = (key, fused)
+    if key is not None:
+        _FOLDED[net] = (key, fused)
     return fused

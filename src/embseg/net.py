@@ -42,6 +42,11 @@ def _relu(x: torch.Tensor) -> torch.Tensor:
     return torch.relu(x) if torch.is_grad_enabled() else x.relu_()
 
 
+def _add_relu(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``relu(out + x)``, in ``out``'s memory when autograd is off (``out`` is a fresh intermediate)."""
+    return torch.relu(out + x) if torch.is_grad_enabled() else out.add_(x).relu_()
+
+
 class AxisConv3d(nn.Conv3d):
     """A 3D convolution whose kernel spans one axis (3×1×1, 1×3×1 or 1×1×3), a plain
     :class:`torch.nn.Conv3d` (same parameters and state dict) that runs channels-last input as a
@@ -133,7 +138,7 @@ class NonBottleneck1d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _relu(self.bn1(self._half(self.convs1, x)))
         out = self.dropout(self.bn2(self._half(self.convs2, out)))
-        return torch.relu(out + x) if torch.is_grad_enabled() else out.add_(x).relu_()
+        return _add_relu(out, x)
 
 
 class Upsampler(nn.Module):
