@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/ab_same_process.py medoid-groups   # FFT grids per size class vs one
     .venv/bin/python benchmarks/ab_same_process.py predict-2d      # before / ReLU in place / + BN folded (/ + 2D axis convs)
     .venv/bin/python benchmarks/ab_same_process.py predict-3d
+    .venv/bin/python benchmarks/ab_same_process.py train-relu-2d   # training step, ReLU out of place / in place
+    .venv/bin/python benchmarks/ab_same_process.py train-relu-3d
 
 Uses the inputs built by ``run.py`` (``benchmarks/_work/inputs/full``). Each variant's output is
 checked equal to the other's. Small changes drown in the machine's load swings between runs;
@@ -63,9 +65,42 @@ def _predict_variants(name: str):
     return run, variants, time.perf_counter
 
 
+def _train_relu_variants(name: str):
+    """One training step (network, loss, Adam) with ReLU and residual add out of place / in place.
+    Each variant steps its own copy of the same start (the outputs compared are the last losses)."""
+    import embseg.net as net_module
+
+    folder = HERE / "_work" / "inputs" / "full" / ("train_step_" + name.rsplit("-", 1)[1])
+    meta = json.loads((folder / "meta.json").read_text())
+    relu, add_relu = net_module._relu, net_module._add_relu
+    steps = {"out of place": worker.bench_train_step("ours", folder, meta)[0],
+             "in place": worker.bench_train_step("ours", folder, meta)[0]}
+    current: dict = {}
+    count = dict.fromkeys(steps, 0)
+
+    def variant(name: str, in_place: bool):
+        def switch():
+            net_module._relu = relu if in_place else torch.relu
+            net_module._add_relu = add_relu if in_place else (lambda out, x: torch.relu(out + x))
+            current["name"] = name
+        return switch
+
+    def run():
+        # The k-th step of either variant draws the same dropout masks: equal losses expected.
+        name = current["name"]
+        count[name] += 1
+        torch.manual_seed(count[name])
+        return np.asarray(steps[name]())
+
+    variants = {"out of place": variant("out of place", False), "in place": variant("in place", True)}
+    return run, variants, time.perf_counter
+
+
 def _variants(name: str):
     if name.startswith("predict"):
         return _predict_variants(name)
+    if name.startswith("train-relu"):
+        return _train_relu_variants(name)
     folder = HERE / "_work" / "inputs" / "full" / ("cluster_3d" if name == "cluster-trees" else "medoid")
     meta = json.loads((folder / "meta.json").read_text())
     if name == "cluster-trees":
@@ -83,7 +118,8 @@ def _variants(name: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=("cluster-trees", "medoid-groups", "predict-2d", "predict-3d"))
+    parser.add_argument("what", choices=("cluster-trees", "medoid-groups", "predict-2d", "predict-3d", "train-relu-2d",
+                                         "train-relu-3d"))
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(2)
