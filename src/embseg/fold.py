@@ -51,7 +51,7 @@ def fold_batchnorm(net: BranchedERFNet) -> BranchedERFNet:
 
     In eval mode a batch norm is a fixed per-channel affine map, and each one in the network
     follows a (transposed) convolution, so it can be folded into that convolution's weights and
-    bias: one pass over the activations fewer per block (measured ≈ 15 % of a CPU forward pass,
+    bias: one pass over the activations fewer per block (a few % of a CPU prediction,
     ``benchmarks/RESULTS.md``). A downsampler's max-pool channels keep their affine map as a
     small separate step. Outputs equal ``net.eval()``'s up to float rounding (≈ 1e-6).
 

@@ -59,8 +59,8 @@ class AxisConv3d(nn.Conv3d):
 
     In channels-last memory ``(B, D, H, W, C)`` the D axis is the first axis of a
     ``(B, D, H·W)`` image and the H and W axes those of a ``(B·D, H, W)`` image, so the 1-D
-    convolution is a 2D one on a view, without copies; oneDNN's 2D kernels run it ≈ 15 % faster
-    per 3D forward on the CPU (``benchmarks/RESULTS.md``). Other layouts take the 3D path. The
+    convolution is a 2D one on a view, without copies; with oneDNN's 2D kernels a 3D prediction
+    on the CPU takes ≈ 20 % less time (``benchmarks/RESULTS.md``). Other layouts take the 3D path. The
     outputs are the same up to float rounding.
     """
 
