@@ -52,7 +52,7 @@ from typing import NamedTuple
 
 import torch
 
-from embseg.embedding import bandwidth, coordinates, embeddings, likelihood, split_raw
+from embseg.embedding import bandwidth, coordinates, embeddings, likelihood, n_output_channels
 
 __all__ = ["DEFAULT_PHI_CUTOFF", "gt_center_iou", "lovasz_hinge_rows", "spatial_embedding_loss"]
 
@@ -76,6 +76,7 @@ class _Objects(NamedTuple):
     sigma_bar: torch.Tensor  # (B, D, K + 1) mean raw sigma per slot (0 for empty slots)
     centre: torch.Tensor  # (B, D, K + 1) centre coordinate per slot (no gradient)
     bandwidth: torch.Tensor  # (B, D, K + 1) s = exp(10 * sigma_bar)
+    seed_logit: torch.Tensor  # (B, N) raw seed logits
 
 
 def _resolve_max_label(instances: torch.Tensor, max_label: int | None) -> int:
@@ -106,7 +107,11 @@ def _objects(
     slots = n_ids + 1
     dtype, device = raw.dtype, raw.device
 
-    offsets, sigmas, _ = split_raw(raw, ndim)
+    if raw.shape[1] != n_output_channels(ndim):
+        raise ValueError(f"expected {n_output_channels(ndim)} channels on axis 1, got {raw.shape[1]}")
+    # One split, so that the backward writes raw's gradient once (a cat) instead of a zero-filled
+    # full-size tensor per channel group, added up.
+    offsets, sigmas, seed_logit = torch.split(raw, [ndim, ndim, 1], dim=1)
     emb = embeddings(offsets, step).reshape(batch, ndim, n_pixels)
     sigmas = sigmas.reshape(batch, ndim, n_pixels)
     labels = instances.reshape(batch, n_pixels).long()
@@ -147,7 +152,8 @@ def _objects(
         )
     centre = centre.to(dtype)
     s = bandwidth(sigma_bar)
-    return _Objects(labels, counts, counts[:, 1:] > 0, emb, sigmas, sigma_bar, centre, s)
+    return _Objects(labels, counts, counts[:, 1:] > 0, emb, sigmas, sigma_bar, centre, s,
+                    seed_logit.reshape(batch, n_pixels))
 
 
 def _members(objects: _Objects) -> torch.Tensor:
@@ -453,12 +459,14 @@ def spatial_embedding_loss(
     var = var_sum / (objects.counts[:, 1:].clamp(min=1) * ndim)
     var_mean = torch.where(present, var, 0).sum(1) / n_objects
 
-    seed = torch.sigmoid(split_raw(raw, ndim)[2].reshape(batch, n_pixels))
+    seed = torch.sigmoid(objects.seed_logit)
     seed_px = torch.where(labels > 0, fg_weight * (seed - own_phi) ** 2, seed**2)
     seed_term = seed_px.sum(1) / n_pixels
 
     per_image = w_inst * inst_mean + w_var * var_mean + w_seed * seed_term
-    loss = per_image.mean() + 0 * raw.sum()
+    # The seed term reaches every image, and the split's backward fills the channel groups that
+    # got no gradient with zeros: the gradient covers all of raw.
+    loss = per_image.mean()
     parts = {
         "instance": inst_mean.detach().mean(),
         "variance": var_mean.detach().mean(),
