@@ -28,6 +28,17 @@ sys.path.insert(0, str(HERE))
 
 import worker  # noqa: E402
 
+import embseg.net  # noqa: E402
+
+#: The network's ReLU and residual add as they are now (in place).
+_RELU = (embseg.net._relu, embseg.net._add_relu)
+
+
+def _set_relu(in_place: bool) -> None:
+    """The network's ReLU and residual add in place (as now) or out of place (as before)."""
+    embseg.net._relu = _RELU[0] if in_place else torch.relu
+    embseg.net._add_relu = _RELU[1] if in_place else (lambda out, x: torch.relu(out + x))
+
 
 def _predict_variants(name: str):
     """Prediction with the network as before this pass (batch norms, ReLU out of place), then
@@ -36,14 +47,12 @@ def _predict_variants(name: str):
     import copy
 
     import embseg.fold as module
-    import embseg.net as net_module
     from embseg.net import AxisConv3d
 
     folder = HERE / "_work" / "inputs" / "full" / name.replace("-", "_")
     meta = json.loads((folder / "meta.json").read_text())
     run, _ = worker.bench_predict("ours", folder, meta, tta=False)
     fold, axis_2d = module.fold_batchnorm, AxisConv3d.forward
-    relu, add_relu = net_module._relu, net_module._add_relu
 
     def variant(in_place: bool, folded: bool, views: bool):
         cache = type(module._FOLDED)()
@@ -53,8 +62,7 @@ def _predict_variants(name: str):
             # folder with one model does (embseg.fold.folded_for_inference).
             module._FOLDED = cache
             module.fold_batchnorm = fold if folded else (lambda net: copy.deepcopy(net).eval())
-            net_module._relu = relu if in_place else torch.relu
-            net_module._add_relu = add_relu if in_place else (lambda out, x: torch.relu(out + x))
+            _set_relu(in_place)
             AxisConv3d.forward = axis_2d if views else torch.nn.Conv3d.forward
         return switch
 
@@ -68,11 +76,8 @@ def _predict_variants(name: str):
 def _train_relu_variants(name: str):
     """One training step (network, loss, Adam) with ReLU and residual add out of place / in place.
     Each variant steps its own copy of the same start (the outputs compared are the last losses)."""
-    import embseg.net as net_module
-
     folder = HERE / "_work" / "inputs" / "full" / ("train_step_" + name.rsplit("-", 1)[1])
     meta = json.loads((folder / "meta.json").read_text())
-    relu, add_relu = net_module._relu, net_module._add_relu
     steps = {"out of place": worker.bench_train_step("ours", folder, meta)[0],
              "in place": worker.bench_train_step("ours", folder, meta)[0]}
     current: dict = {}
@@ -80,8 +85,7 @@ def _train_relu_variants(name: str):
 
     def variant(name: str, in_place: bool):
         def switch():
-            net_module._relu = relu if in_place else torch.relu
-            net_module._add_relu = add_relu if in_place else (lambda out, x: torch.relu(out + x))
+            _set_relu(in_place)
             current["name"] = name
         return switch
 

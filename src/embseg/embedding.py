@@ -115,15 +115,15 @@ def split_raw(raw: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor,
     """Split raw outputs ``(..., 2D+1, *spatial)`` into offsets, raw sigmas and seed logits.
 
     The channel axis is ``-(ndim + 1)``. Returns views: offsets ``(..., D, *S)``,
-    sigmas ``(..., D, *S)`` and seed logits ``(..., *S)``.
+    sigmas ``(..., D, *S)`` and seed logits ``(..., *S)``. They come from one ``torch.split``,
+    whose backward writes the gradient of ``raw`` once (a concatenation, zeros for the parts
+    without gradient) instead of one zero-filled full-size tensor per part, added up.
     """
     c = -(ndim + 1)
     if raw.shape[c] != n_output_channels(ndim):
         raise ValueError(f"expected {n_output_channels(ndim)} channels on axis {c}, got {raw.shape[c]}")
-    offsets = raw.narrow(c, 0, ndim)
-    sigmas = raw.narrow(c, ndim, ndim)
-    seed = raw.select(c, 2 * ndim)
-    return offsets, sigmas, seed
+    offsets, sigmas, seed = torch.split(raw, [ndim, ndim, 1], dim=c)
+    return offsets, sigmas, seed.squeeze(c)
 
 
 def embeddings(

@@ -52,7 +52,7 @@ from typing import NamedTuple
 
 import torch
 
-from embseg.embedding import bandwidth, coordinates, embeddings, likelihood, n_output_channels
+from embseg.embedding import bandwidth, coordinates, embeddings, likelihood, split_raw
 
 __all__ = ["DEFAULT_PHI_CUTOFF", "gt_center_iou", "lovasz_hinge_rows", "spatial_embedding_loss"]
 
@@ -107,11 +107,8 @@ def _objects(
     slots = n_ids + 1
     dtype, device = raw.dtype, raw.device
 
-    if raw.shape[1] != n_output_channels(ndim):
-        raise ValueError(f"expected {n_output_channels(ndim)} channels on axis 1, got {raw.shape[1]}")
-    # One split, so that the backward writes raw's gradient once (a cat) instead of a zero-filled
-    # full-size tensor per channel group, added up.
-    offsets, sigmas, seed_logit = torch.split(raw, [ndim, ndim, 1], dim=1)
+    # One split for all three parts: raw's gradient is written once (embedding.split_raw).
+    offsets, sigmas, seed_logit = split_raw(raw, ndim)
     emb = embeddings(offsets, step).reshape(batch, ndim, n_pixels)
     sigmas = sigmas.reshape(batch, ndim, n_pixels)
     labels = instances.reshape(batch, n_pixels).long()
