@@ -32,7 +32,7 @@ QCANET = DATA / "qcanet_embryo_3d" / "train"
 USIIGACI = DATA / "usiigaci" / "train"
 
 #: Bump when the inputs change, so that cached inputs are rebuilt.
-VERSION = 9
+VERSION = 10
 ANISOTROPY_QCANET = 2.18
 STEP_2D = 1.0 / 1023.0  # reference default grid 1024, pixel 1
 
@@ -428,6 +428,75 @@ def build_predict(folder: Path, quick: bool, rng: np.random.Generator, ndim: int
     _save_net(folder, ndim)
 
 
+def _save_trained_net(folder: Path, net) -> None:
+    """A trained network of ours (float32 state dict) and a check input/output with it."""
+    import torch
+
+    net = net.float().eval()
+    torch.save(net.state_dict(), folder / "net.pt")
+    torch.save(net.state_dict(), folder / "net_check.pt")
+    shape = (1, 1, 64, 64) if net.ndim == 2 else (1, 1, 16, 32, 32)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = net(x)
+    np.save(folder / "net_check_in.npy", x.numpy())
+    np.save(folder / "net_check_out.npy", y.numpy())
+
+
+def dsb_mosaic(size: int = 1024, n: int = 4) -> tuple[np.ndarray, list[str]]:
+    """A ``size``² mosaic of the ``n`` densest DSB *test* images of 520x696 (2x2, each normalised
+    on its own as ``Model.prepare`` would), cropped to ``size``²."""
+    rows = [r for r in csv.DictReader(open(DSB / "manifest.csv")) if r["split"] == "test" and r["shape"] == "520x696"]
+    rows.sort(key=lambda r: (-int(r["n_objects"]), r["file"]))
+    rows = rows[:n]
+    tiles = [_normalize(tifffile.imread(DSB / "test" / "images" / r["file"])) for r in rows]
+    grid = [np.concatenate(tiles[i : i + 2], axis=1) for i in range(0, len(tiles), 2)]
+    mosaic = np.concatenate(grid, axis=0)[:size, :size]
+    return np.ascontiguousarray(mosaic, dtype=np.float32), [r["file"] for r in rows]
+
+
+def build_predict_trained(folder: Path, quick: bool, rng: np.random.Generator, ndim: int) -> None:
+    """End-to-end prediction with a trained network: 2D the shipped ``nuclei-2d`` model on a
+    1024² mosaic of DSB test images; 3D the benchmark's QCANet model (``bench_model.py``)."""
+    from embseg.model import load_model
+
+    if ndim == 2:
+        model = load_model("nuclei-2d", device="cpu")
+        image, files = dsb_mosaic(256 if quick else 1024)
+        grid = max(1024, (max(image.shape) + 7) // 8 * 8)
+        meta = {"ndim": 2, "step": [1.0 / (grid - 1)] * 2, "ref_grid": [grid, grid], "ref_pixel": [1.0, 1.0],
+                "desc": f"shipped nuclei-2d model, {image.shape[0]}x{image.shape[1]} mosaic of 4 DSB test images",
+                "sources": files}
+    else:
+        from bench_model import qcanet_model_dir
+
+        model = load_model(qcanet_model_dir(), device="cpu")
+        image, _ = qcanet()
+        # the embryo 2x2 side by side in y and x (51x240x244, about 36 nuclei): a volume of the
+        # cluster_3d benchmark's size; the embryo alone (0.75 M voxels, 8 nuclei) is smaller than
+        # a single tile of real 3D data
+        image = np.ascontiguousarray(np.tile(image, (1, 2, 2)))
+        if quick:
+            image = image[:16, :48, :48]
+        shape = image.shape
+        # the model's grid step; the reference's grid is the volume rounded up to 8 per axis,
+        # with the pixel size that gives the same step (step = pixel / (grid - 1))
+        grid = [(int(n) + 7) // 8 * 8 for n in shape]
+        step = [float(s) for s in model.config.grid_step]
+        meta = {"ndim": 3, "step": step, "ref_grid": grid,
+                "ref_pixel": [s * (g - 1) for s, g in zip(step, grid, strict=True)],
+                "anisotropy": ANISOTROPY_QCANET,
+                "desc": f"benchmark QCANet model (bench_model.py), QCANet embryo tiled 1x2x2: "
+                        f"{'x'.join(map(str, shape))}"}
+    cfg = model.config
+    if any(abs(a - b) > 1e-9 for a, b in zip(cfg.grid_step, meta["step"], strict=True)):
+        raise RuntimeError(f"model grid step {cfg.grid_step} is not the benchmark's {meta['step']}")
+    meta.update({"seed_thresh": cfg.seed_thresh, "fg_thresh": cfg.fg_thresh, "min_size": cfg.min_size,
+                 "ref_min_object_size": cfg.min_size - 1, "trained": True})
+    _save(folder, meta, image=image[None].astype(np.float32))
+    _save_trained_net(folder, model.net)
+
+
 def build_medoid(folder: Path, quick: bool, rng: np.random.Generator) -> None:
     n_images, size = (3, 96) if quick else (10, 96)
     crops, ids_full, masks, image_index, origins = [], [], {}, [], []
@@ -457,6 +526,8 @@ BUILDERS = {
     "train_step_3d": lambda f, q, r: build_train_step(f, q, r, 3),
     "predict_2d": lambda f, q, r: build_predict(f, q, r, 2),
     "predict_3d": lambda f, q, r: build_predict(f, q, r, 3),
+    "predict_2d_trained": lambda f, q, r: build_predict_trained(f, q, r, 2),
+    "predict_3d_trained": lambda f, q, r: build_predict_trained(f, q, r, 3),
     "medoid": build_medoid,
 }
 

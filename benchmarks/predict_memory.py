@@ -2,8 +2,8 @@
 
 Every case runs in its own process (peak RSS = that process's ``VmHWM``). The volume is the
 QCANet 8-cell embryo (``/work/shared/data/qcanet_embryo_3d``, 51x120x122, padded by reflection
-to one tile) tiled 1x1x1, 1x2x2 and 2x4x2 times; the model is ``runs/qcanet-3d`` when it exists
-(the README's 3D example, trained here), else a randomly initialised 3D ERFNet. Three routes,
+to one tile) tiled 1x1x1, 1x2x2 and 2x4x2 times; the model is the benchmark's trained 3D model
+(``bench_model.py``: the README's 3D example, trained here once). Three routes,
 with the same tiles (one tile = the 1x volume, context ``model.halo()``):
 
 * ``blocks``: ``Model.predict`` as it is now (``clustering="blocks"``): every tile clustered on
@@ -42,7 +42,6 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = Path("/work/shared/data/qcanet_embryo_3d/train/images/8_cell_stage.tif")
-TRAINED = ROOT / "runs" / "qcanet-3d"
 TILE = (56, 128, 128)
 FACTORS = {"1x": (1, 1, 1), "4x": (1, 2, 2), "16x": (2, 4, 2)}
 ROUTES = ["blocks", "streamed"]
@@ -76,17 +75,12 @@ def volume(factor: tuple[int, int, int]) -> np.ndarray:
 
 
 def load_model():
-    import torch
+    from bench_model import qcanet_model_dir
 
-    from embseg.config import ModelConfig
-    from embseg.model import Model, build_network
     from embseg.model import load_model as load
 
-    if TRAINED.is_dir():
-        return load(TRAINED, device="cpu"), "runs/qcanet-3d (trained)"
-    torch.manual_seed(0)
-    config = ModelConfig(ndim=3, in_channels=1, grid_step=[2.18 / 1023, 1 / 1023, 1 / 1023], min_size=100)
-    return Model(config, build_network(config).eval()), "random-init 3D ERFNet"
+    folder = qcanet_model_dir()
+    return load(folder, device="cpu"), f"{folder.relative_to(ROOT)} (trained, bench_model.py)"
 
 
 def run_case(route: str, name: str) -> dict:
@@ -120,6 +114,9 @@ def run_case(route: str, name: str) -> dict:
 
 def run_all(routes: list[str], cases: list[str], timeout: float = 900) -> list[dict]:
     """Every case in a fresh process (2 threads)."""
+    from bench_model import qcanet_model_dir
+
+    qcanet_model_dir()  # trained here first (once), not inside a measured case
     env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     records = []

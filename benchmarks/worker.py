@@ -303,6 +303,24 @@ def bench_predict(impl: str, folder: Path, meta: dict, tta: bool):
                                        device="cpu")
             return labels
 
+        def split() -> dict:
+            """What ``predict_labels`` spends in the network and in the clustering (best of 2)."""
+            from embseg.cluster import cluster
+            from embseg.predict import predict_raw
+
+            net_s, cluster_s = [], []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                raw = predict_raw(net, image, ndim, tta=tta, device="cpu")
+                t1 = time.perf_counter()
+                cluster(raw, tuple(meta["step"]), seed_thresh=meta["seed_thresh"], fg_thresh=meta["fg_thresh"],
+                        min_size=meta["min_size"])
+                net_s.append(t1 - t0)
+                cluster_s.append(time.perf_counter() - t1)
+            return {"network_s": min(net_s), "cluster_s": min(cluster_s)}
+
+        info["extra"] = split
+
     net.eval()
     return run, info
 
@@ -383,8 +401,10 @@ def _final_record(args, info: dict, times: list[float], result, rss_before: floa
         np.save(str(args.out) + ".npy", np.asarray(result))
     if extra is not None:
         t0 = time.perf_counter()
-        extra()
+        out = extra()
         record["extra_time"] = time.perf_counter() - t0
+        if isinstance(out, dict):
+            record["extra_result"] = out
     return record
 
 
