@@ -281,3 +281,64 @@ def test_network_made_in_inference_mode_is_folded_every_call():
     with torch.inference_mode():
         expected = net.eval()(torch.from_numpy(image)[None])[0]
     torch.testing.assert_close(raw, expected, rtol=1e-4, atol=1e-5)
+
+
+def _conv_outputs(net: nn.Module, x: torch.Tensor) -> tuple[list[str], list[torch.Tensor], torch.Tensor]:
+    """Class names and outputs of the (transposed) 3D convolutions ``net`` runs on ``x``, and its output."""
+    names, outputs = [], []
+
+    def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        names.append(type(module).__name__)
+        outputs.append(out)
+
+    hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    try:
+        with torch.inference_mode():
+            out = net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return names, outputs, out
+
+
+def test_inference_copy_runs_3d_convolutions_by_onednn_and_keeps_channels_last():
+    """A thin 3D volume, batch of one: torch's size rule would take its slow kernels for the
+    coarse layers (and lose the channels-last layout there); the inference copy calls oneDNN,
+    gives the eval network's outputs, and every convolution runs channels-last."""
+    from embseg.fold import _transpose_op, folded_for_inference
+
+    torch.manual_seed(3)
+    net = _with_batch_statistics(BranchedERFNet(3))
+    with torch.no_grad():
+        net.decoders[0].output_conv.weight.normal_(0, 0.1)
+    net.eval()
+    x = torch.randn(1, 1, 16, 48, 40)
+    with torch.no_grad():
+        expected = net(x)
+    cl = torch.channels_last_3d
+    fused = folded_for_inference(net, "cpu", cl)
+    names, outputs, out = _conv_outputs(fused, x.contiguous(memory_format=cl))
+    assert {"_OneDNNConv3d", "_OneDNNAxisConv3d", "_OneDNNConvTranspose3d"} <= set(names)
+    assert all(t.is_contiguous(memory_format=cl) for t in outputs)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert expected.abs().max() > 0.1
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
+        fused(x.contiguous(memory_format=cl))
+    ops = {e.key for e in prof.key_averages()}
+    assert not any(op.startswith("aten::slow_conv") for op in ops), sorted(ops)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
+        fold_batchnorm(net).to(memory_format=cl)(x.contiguous(memory_format=cl))  # torch's own choice
+    assert any(e.key.startswith("aten::slow_conv") for e in prof.key_averages())  # what it avoids
+    # contiguous layout: the same outputs
+    plain = folded_for_inference(net, "cpu")
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-5)
+    if torch.__version__.startswith("2.13"):  # the build the project pins has the operator
+        assert _transpose_op() is not None
+    # The original network is untouched, and with autograd on the copy takes torch's own path.
+    assert not any(type(m).__name__.startswith("_OneDNN") for m in net.modules())
+    y = torch.randn(1, 1, 16, 16, 16, requires_grad=True)
+    fused(y.contiguous(memory_format=cl)).sum().backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all()

@@ -2,18 +2,20 @@
 
 In eval mode a batch norm is a fixed per-channel affine map, and each one in the network
 follows a (transposed) convolution, so it can be folded into that convolution's weights and
-bias. Prediction (:mod:`embseg.predict`) runs such a copy.
+bias. Prediction (:mod:`embseg.predict`) runs such a copy. On the CPU, its 3D (transposed)
+convolutions call oneDNN directly (:func:`use_onednn_3d`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 
 import torch
 from torch import nn
 
-from embseg.net import BranchedERFNet, Downsampler, NonBottleneck1d, Upsampler
+from embseg.net import AxisConv3d, BranchedERFNet, Downsampler, NonBottleneck1d, Upsampler
 
 
 class _ChannelAffine(nn.Module):
@@ -85,6 +87,96 @@ def fold_batchnorm(net: BranchedERFNet) -> BranchedERFNet:
     return fused
 
 
+# ------------------------------------------------------------------ oneDNN for 3D on the CPU
+# For a batch of one, torch sends a 3D convolution to its slow reference kernels (slow_conv3d,
+# slow_conv_transpose3d) when ``N * C * D * H <= 20480`` (a size rule made for 2D, where it
+# reads ``N * C * H * W``): the deep, coarse layers of a 3D prediction of one small volume or
+# tile, 3-4x slower than oneDNN's kernels there, and their outputs lose the channels-last
+# layout, which sends every later layer down the same path. A 32x96x96 volume ran at ~30
+# GFLOP/s instead of ~115 (``benchmarks/RESULTS.md``). The inference copy calls oneDNN itself.
+
+
+def _onednn_applies(x: torch.Tensor, conv: nn.Module) -> bool:
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+        and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+        and torch.backends.mkldnn.enabled and not torch.is_grad_enabled()
+        and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+    )
+
+
+def _weight_layout(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """``x`` in the layout of a channels-last copy's weights (a downsampler's concatenation with
+    the max-pool of a one-channel input comes out contiguous, and would keep the layers after it
+    there)."""
+    cl = torch.channels_last_3d
+    if conv.weight.is_contiguous(memory_format=cl) and not conv.weight.is_contiguous():
+        return x.contiguous(memory_format=cl)
+    return x
+
+
+class _OneDNNConv3d(nn.Conv3d):
+    """:class:`torch.nn.Conv3d` run by ``torch.mkldnn_convolution`` (inference, CPU float32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _onednn_applies(x, self):
+            return super().forward(x)
+        return torch.mkldnn_convolution(_weight_layout(x, self), self.weight, self.bias, self.padding, self.stride,
+                                        self.dilation, self.groups)
+
+
+class _OneDNNAxisConv3d(_OneDNNConv3d, AxisConv3d):
+    """:class:`~embseg.net.AxisConv3d` run by ``torch.mkldnn_convolution`` as a 3D convolution
+    (as fast as its 2D view, which the size rule can also send to the slow kernels); the 2D
+    view otherwise."""
+
+
+class _OneDNNConvTranspose3d(nn.ConvTranspose3d):
+    """:class:`torch.nn.ConvTranspose3d` run by oneDNN's transposed convolution (inference, CPU
+    float32), when this torch build has the operator (checked once, :func:`_transpose_op`)."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        op = _transpose_op()
+        if op is None or output_size is not None or not _onednn_applies(x, self):
+            return super().forward(x, output_size)
+        return op(_weight_layout(x, self), self.weight, self.bias, list(self.padding), list(self.output_padding), list(self.stride),
+                  list(self.dilation), self.groups, "none", [], "")
+
+
+@functools.cache
+def _transpose_op():
+    """oneDNN's transposed convolution (``torch.ops.mkldnn._convolution_transpose_pointwise``, an
+    internal operator of torch's compiler), or None when this build lacks it or it does not give
+    ``conv_transpose3d``'s result on a probe."""
+    try:
+        op = torch.ops.mkldnn._convolution_transpose_pointwise
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(1, 4, 3, 5, 4, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+        w, b = torch.rand(4, 3, 3, 3, 3, generator=gen), torch.rand(3, generator=gen)
+        with torch.no_grad():
+            got = op(x, w, b, [1, 1, 1], [1, 1, 1], [2, 2, 2], [1, 1, 1], 1, "none", [], "")
+            want = nn.functional.conv_transpose3d(x, w, b, stride=2, padding=1, output_padding=1)
+        return op if got.shape == want.shape and torch.allclose(got, want, atol=1e-5) else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def use_onednn_3d(net: nn.Module) -> nn.Module:
+    """Make the 3D (transposed) convolutions of an inference network call oneDNN directly on the
+    CPU (float32, autograd off); everywhere else they run as before. In place; returns ``net``.
+
+    Same parameters, state dict and results (to float rounding, ≈ 1e-6): only the kernel
+    choice changes, for the layers where torch's size rule would take its slow reference
+    kernels (see above).
+    """
+    swap = {nn.Conv3d: _OneDNNConv3d, AxisConv3d: _OneDNNAxisConv3d, nn.ConvTranspose3d: _OneDNNConvTranspose3d}
+    for module in net.modules():
+        cls = swap.get(type(module))
+        if cls is not None:
+            module.__class__ = cls
+    return net
+
+
 #: Folded copies of live networks: net -> (state key, copy); an entry goes with its network.
 _FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
@@ -119,6 +211,8 @@ def folded_for_inference(
     fused = fold_batchnorm(net).to(device)
     if memory_format != torch.contiguous_format:
         fused = fused.to(memory_format=memory_format)
+    if device.type == "cpu":
+        use_onednn_3d(fused)
     if key is not None:
         _FOLDED[net] = (key, fused)
     return fused
