@@ -337,6 +337,9 @@ def test_inference_copy_runs_3d_convolutions_by_onednn_and_keeps_channels_last()
         torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-5)
     if torch.__version__.startswith("2.13"):  # the build the project pins has the operator
         assert _transpose_op() is not None
+    # Under CPU autocast the copy takes torch's own path too (the direct calls would bypass it).
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused(torch.randn(1, 1, 8, 16, 16).contiguous(memory_format=cl)).dtype == torch.bfloat16
     # The original network is untouched, and with autograd on the copy takes torch's own path.
     assert not any(type(m).__name__.startswith("_OneDNN") for m in net.modules())
     y = torch.randn(1, 1, 16, 16, 16, requires_grad=True)

@@ -96,12 +96,20 @@ def fold_batchnorm(net: BranchedERFNet) -> BranchedERFNet:
 # GFLOP/s instead of ~115 (``benchmarks/RESULTS.md``). The inference copy calls oneDNN itself.
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def _onednn_applies(x: torch.Tensor, conv: nn.Module) -> bool:
+    """CPU float32 inference outside tracing and CPU autocast (which these calls would bypass)."""
     return (
         x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
         and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
         and torch.backends.mkldnn.enabled and not torch.is_grad_enabled()
-        and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+        and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not _cpu_autocast()
     )
 
 
