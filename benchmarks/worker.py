@@ -319,7 +319,8 @@ def bench_predict(impl: str, folder: Path, meta: dict, tta: bool):
                 cluster_s.append(time.perf_counter() - t1)
             return {"network_s": min(net_s), "cluster_s": min(cluster_s)}
 
-        info["extra"] = split
+        if not tta:
+            info["extra"] = split
 
     net.eval()
     return run, info
