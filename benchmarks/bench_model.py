@@ -3,11 +3,9 @@
 There is no shipped 3D model, and a random network gives no objects, so nothing to cluster.
 The benchmark trains one, once, with the README's 3D example (``configs/qcanet-3d.yaml``:
 the QCANet embryo, 12 minutes on this CPU) into ``benchmarks/_work/models/qcanet-3d``, and
-reuses it afterwards. ``runs/qcanet-3d`` (the same command with the config's own output folder)
-is taken instead when it exists, so a checkout that already trained it does not train again.
-It is a weak model (one training volume of 8 nuclei, 12 minutes): its objects are too many
-and too large, which is what a benchmark of the post-processing needs (objects to cluster),
-not a model to segment with.
+reuses it afterwards (an interrupted training is resumed). One training volume of 8 nuclei and
+12 minutes make a model for benchmarking the prediction (objects to cluster), not one to
+segment with.
 
 Usage::
 
@@ -23,7 +21,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIG = ROOT / "configs" / "qcanet-3d.yaml"
-LOCAL = ROOT / "runs" / "qcanet-3d"
 OUTPUT = HERE / "_work" / "models" / "qcanet-3d"
 
 
@@ -33,11 +30,10 @@ def _complete(folder: Path) -> bool:
 
 def qcanet_model_dir(train: bool = True) -> Path:
     """Folder of the benchmark's 3D model; trains it first when there is none (and ``train``)."""
-    for folder in (LOCAL, OUTPUT):
-        if _complete(folder):
-            return folder
+    if _complete(OUTPUT):
+        return OUTPUT
     if not train:
-        raise FileNotFoundError(f"no benchmark 3D model in {LOCAL} or {OUTPUT}")
+        raise FileNotFoundError(f"no benchmark 3D model in {OUTPUT}")
     embseg = Path(sys.executable).parent / "embseg"
     cmd = [str(embseg), "train", "--config", str(CONFIG), "--output", str(OUTPUT), "--quiet"]
     if (OUTPUT / "checkpoints").is_dir():

@@ -221,6 +221,55 @@ def test_split_search_trees_equal_literal(monkeypatch, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("fraction", [0.0, 0.01, 2.0])
+def test_whole_trees_instead_of_searches_equal_literal(monkeypatch, split, fraction):
+    """Balls that cover most of a tree's box take the tree whole (a superset: the exact test
+    decides): 0 takes every tree the ball touches (all candidates when it touches all), 2 never."""
+    import embseg.cluster as cluster_module
+
+    monkeypatch.setattr(cluster_module, "_SCAN_FRACTION", fraction)
+    if split:
+        monkeypatch.setattr(cluster_module, "_SPLIT_TREE_MIN", 50)
+    calls = {"all": 0, "some": 0}
+    ball = cluster_module._ball
+
+    def counted(trees, centre, radius):
+        near = ball(trees, centre, radius)
+        calls["all" if near is None else "some"] += 1
+        return near
+
+    monkeypatch.setattr(cluster_module, "_ball", counted)
+    for rng_seed, shape, anisotropy in [(0, (48, 64), 1.0), (2, (10, 24, 28), 2.0)]:
+        rng = np.random.default_rng(rng_seed)
+        step = grid_step(len(shape), anisotropy)
+        raw = random_raw(shape, step, rng)
+        expected, _ = literal_cluster(raw, step, 0.9, 0.5, 5)
+        np.testing.assert_array_equal(cluster(raw, step, 0.9, 0.5, 5), expected)
+    if fraction == 0.0 and not split:
+        assert calls["all"] > 0 and calls["some"] == 0
+    if fraction == 2.0:
+        assert calls["all"] == 0
+
+
+def test_a_seed_covering_the_image_scans_every_candidate(monkeypatch):
+    """A seed whose ball holds every candidate tests them all without a search."""
+    import embseg.cluster as cluster_module
+
+    rng = np.random.default_rng(5)
+    shape = (40, 48)
+    step = grid_step(2)
+    raw = random_raw(shape, step, rng)
+    seed_px = raw[-1].argmax()
+    raw[2:4].view(2, -1)[:, seed_px] = -2.0  # s = exp(-20): a ball over the whole image
+    queried = []
+    monkeypatch.setattr(cluster_module, "_ball",
+                        lambda *a, ball=cluster_module._ball: queried.append(ball(*a)) or queried[-1])
+    expected, _ = literal_cluster(raw, step, 0.9, 0.5, 5)
+    np.testing.assert_array_equal(cluster(raw, step, 0.9, 0.5, 5), expected)
+    assert queried[0] is None
+
+
 @pytest.mark.parametrize(("shape", "anisotropy"), [((48, 64), 1.0), ((10, 24, 28), 2.0)])
 def test_max_radius_equals_literal(shape, anisotropy):
     rng = np.random.default_rng(11)

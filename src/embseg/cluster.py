@@ -196,18 +196,36 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL[1]
 
 
-def _ball(trees: list[tuple[cKDTree, int]], centre: np.ndarray, radius: float) -> np.ndarray:
-    """Indices of all points within ``radius`` of ``centre`` over the trees (in no particular
-    order). A tree whose bounding box the ball clearly misses is not asked."""
-    if len(trees) == 1:
-        return np.asarray(trees[0][0].query_ball_point(centre, radius, return_sorted=False), dtype=np.intp)
+#: A tree whose bounding box the box around a ball covers to at least this fraction (product over
+#: the axes) is taken whole instead of searched: the exact test then costs ~10 ns per point on
+#: contiguous columns, against ~60 ns per point found by a search (``query_ball_point`` builds a
+#: Python list). Whole trees only ever add points the exact test rejects: the proposals are the same.
+_SCAN_FRACTION = 0.25
+
+
+def _ball(trees: list[tuple[cKDTree, int]], centre: np.ndarray, radius: float) -> np.ndarray | None:
+    """Indices of (a superset of) the points within ``radius`` of ``centre`` over the trees, in
+    no particular order; ``None`` for all points. A tree whose bounding box the ball clearly
+    misses is not asked; one it mostly covers (:data:`_SCAN_FRACTION`) is taken whole."""
     parts = []
+    whole = 0
     reach = radius * (1 + 1e-9) + 1e-300
     for tree, first in trees:
-        if np.any(tree.mins - centre > reach) or np.any(centre - tree.maxes > reach):
+        lo, hi = tree.mins, tree.maxes
+        if np.any(lo - centre > reach) or np.any(centre - hi > reach):
+            continue
+        span = hi - lo
+        inter = np.clip(np.minimum(hi, centre + radius) - np.maximum(lo, centre - radius), 0.0, None)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            covered = np.where(span > 0, inter / span, 1.0)
+        if float(np.prod(covered)) >= _SCAN_FRACTION:
+            whole += 1
+            parts.append(np.arange(first, first + tree.n, dtype=np.intp))
             continue
         found = np.asarray(tree.query_ball_point(centre, radius, return_sorted=False), dtype=np.intp)
         parts.append(found + first if first else found)
+    if whole == len(trees):
+        return None
     if not parts:
         return np.zeros(0, dtype=np.intp)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -301,12 +319,16 @@ def greedy_labels(
         # An infinite bandwidth times a zero distance is NaN: phi is then not > 0.5 (quietly).
         with np.errstate(invalid="ignore"):
             for d in range(ndim):
-                diff = columns[d].take(near)
-                diff -= centre[d]
+                if near is None:  # every candidate
+                    diff = columns[d] - centre[d]
+                else:
+                    diff = columns[d].take(near)
+                    diff -= centre[d]
                 term = bw[d] * diff
                 term *= diff
                 exponent = term if exponent is None else np.add(exponent, term, out=exponent)
-        proposal = near[np.exp(-exponent) > PHI_THRESHOLD]
+        inside = np.exp(-exponent) > PHI_THRESHOLD
+        proposal = np.flatnonzero(inside) if near is None else near[inside]
         n_free = proposal.size - int(np.count_nonzero(clustered[proposal]))
         if proposal.size >= min_size and 2 * n_free > proposal.size:
             labels[proposal] = next_label
