@@ -6,9 +6,11 @@
     .venv/bin/python benchmarks/ab_same_process.py predict-3d
     .venv/bin/python benchmarks/ab_same_process.py train-relu-2d   # training step, ReLU out of place / in place
     .venv/bin/python benchmarks/ab_same_process.py train-relu-3d
+    .venv/bin/python benchmarks/ab_same_process.py onednn-3d       # 3D forward, torch's kernel choice vs oneDNN direct
+    .venv/bin/python benchmarks/ab_same_process.py cluster-scan    # every ball searched vs whole trees when mostly covered
 
 Uses the inputs built by ``run.py`` (``benchmarks/_work/inputs/full``). Each variant's output is
-checked equal to the other's. Small changes drown in the machine's load swings between runs;
+checked equal to the other's (``onednn-3d``: to float rounding, other kernels). Small changes drown in the machine's load swings between runs;
 alternating the variants within one process compares them under the same load.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -100,7 +103,52 @@ def _train_relu_variants(name: str):
     return run, variants, time.perf_counter
 
 
-def _variants(name: str):
+def _onednn_variants(shape: tuple[int, ...]):
+    """Forward of the folded 3D inference copy on one ``shape`` volume (random-init network,
+    channels-last), its (transposed) convolutions as torch chooses them or called in oneDNN."""
+    import embseg.fold as module
+    from embseg.net import BranchedERFNet
+
+    torch.manual_seed(0)
+    net = BranchedERFNet(3, 1).eval()
+    cl = torch.channels_last_3d
+    copies = {"torch's kernel choice": module.fold_batchnorm(net).to(memory_format=cl),
+              "oneDNN direct": module.use_onednn_3d(module.fold_batchnorm(net).to(memory_format=cl))}
+    x = torch.rand(1, 1, *shape).contiguous(memory_format=cl)
+    current: dict = {}
+
+    def run():
+        with torch.inference_mode():
+            return copies[current["name"]](x).numpy()
+
+    return run, {name: (lambda name=name: current.update(name=name)) for name in copies}, time.perf_counter
+
+
+def _cluster_scan_variants(wider: float):
+    """Clustering of the cluster_3d input (bandwidths as built, or every raw sigma lowered by
+    ``wider``: seeds whose balls cover much of the volume), every ball searched in the KD-trees
+    or a tree taken whole when a ball's box covers most of it."""
+    import embseg.cluster as module
+
+    folder = HERE / "_work" / "inputs" / "full" / "cluster_3d"
+    meta = json.loads((folder / "meta.json").read_text())
+    raw = torch.from_numpy(worker.load(folder, "raw"))
+    if wider:
+        raw[3:6] -= wider
+
+    def run():
+        return module.cluster(raw, tuple(meta["step"]), seed_thresh=meta["seed_thresh"], fg_thresh=meta["fg_thresh"],
+                              min_size=meta["min_size"])
+
+    return run, {"every ball searched": lambda: setattr(module, "_SCAN_FRACTION", math.inf),
+                 "whole trees when covered": lambda: setattr(module, "_SCAN_FRACTION", 0.25)}, time.perf_counter
+
+
+def _variants(name: str, shape: tuple[int, ...], wider: float):
+    if name == "onednn-3d":
+        return _onednn_variants(shape)
+    if name == "cluster-scan":
+        return _cluster_scan_variants(wider)
     if name.startswith("predict"):
         return _predict_variants(name)
     if name.startswith("train-relu"):
@@ -123,11 +171,15 @@ def _variants(name: str):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=("cluster-trees", "medoid-groups", "predict-2d", "predict-3d", "train-relu-2d",
-                                         "train-relu-3d"))
+                                         "train-relu-3d", "onednn-3d", "cluster-scan"))
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--shape", default="32,96,96", help="onednn-3d: the volume (Z,Y,X)")
+    parser.add_argument("--wider", type=float, default=0.0,
+                        help="cluster-scan: lower every raw sigma by this (balls e^(5 wider) times wider: 0.6 is 20x)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    run, variants, clock = _variants(args.what)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    run, variants, clock = _variants(args.what, shape, args.wider)
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     outputs = {}
@@ -137,7 +189,10 @@ def main() -> None:
             start = clock()
             outputs[name] = run()
             times[name].append(clock() - start)
-    same = all(np.array_equal(outputs[names[0]], outputs[n]) for n in names[1:])
+    if args.what == "onednn-3d":
+        same = all(np.allclose(outputs[names[0]], outputs[n], rtol=1e-4, atol=1e-5) for n in names[1:])
+    else:
+        same = all(np.array_equal(outputs[names[0]], outputs[n]) for n in names[1:])
     for name in names:
         print(f"{name:28s} min {min(times[name]) * 1e3:7.1f} ms  median {np.median(times[name]) * 1e3:7.1f} ms")
     print(f"outputs equal: {same}")
