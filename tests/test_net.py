@@ -207,8 +207,12 @@ def test_inplace_relu_gives_the_same_outputs_and_gradients(ndim, shape, monkeypa
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
 @pytest.mark.parametrize("dilation", [1, 4])
-def test_axis_conv3d_channels_last_runs_as_2d_and_equals_3d(axis, dilation):
+def test_axis_conv3d_channels_last_runs_as_2d_and_equals_3d(axis, dilation, monkeypatch):
+    import embseg.net
     from embseg.net import AxisConv3d
+
+    # the 2D view (where oneDNN is not called directly: traced, other devices)
+    monkeypatch.setattr(embseg.net, "onednn_applies", lambda x, conv: False)
 
     torch.manual_seed(axis)
     kernel = tuple(3 if a == axis else 1 for a in range(3))
@@ -228,6 +232,9 @@ def test_axis_conv3d_channels_last_runs_as_2d_and_equals_3d(axis, dilation):
     expected.backward(grad)
     got.backward(grad)
     torch.testing.assert_close(x_cl.grad, x.grad, rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()  # oneDNN called directly (CPU, float32): the same up to rounding, any layout
+    for inp in (x, x_cl):
+        torch.testing.assert_close(conv(inp), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_3d_network_channels_last_gives_same_output():
@@ -318,7 +325,7 @@ def test_inference_copy_runs_3d_convolutions_by_onednn_and_keeps_channels_last()
     cl = torch.channels_last_3d
     fused = folded_for_inference(net, "cpu", cl)
     names, outputs, out = _conv_outputs(fused, x.contiguous(memory_format=cl))
-    assert {"_OneDNNConv3d", "_OneDNNAxisConv3d", "_OneDNNConvTranspose3d"} <= set(names)
+    assert {"Conv3d", "AxisConv3d", "_OneDNNConvTranspose3d"} <= set(names)
     assert all(t.is_contiguous(memory_format=cl) for t in outputs)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert expected.abs().max() > 0.1
@@ -345,3 +352,40 @@ def test_inference_copy_runs_3d_convolutions_by_onednn_and_keeps_channels_last()
     y = torch.randn(1, 1, 16, 16, 16, requires_grad=True)
     fused(y.contiguous(memory_format=cl)).sum().backward()
     assert y.grad is not None and torch.isfinite(y.grad).all()
+
+
+def test_3d_training_of_one_crop_calls_onednn_with_the_same_gradients(monkeypatch):
+    """Batch of one (common for large 3D crops): the 3D convolutions, forward and backward, run
+    oneDNN's kernels rather than torch's slow reference ones, and give torch's gradients."""
+    import copy
+
+    from torch.profiler import ProfilerActivity, profile
+
+    import embseg.net
+
+    torch.manual_seed(5)
+    net = _with_batch_statistics(BranchedERFNet(3))
+    with torch.no_grad():
+        net.decoders[0].output_conv.weight.normal_(0, 0.1)
+    x = torch.randn(1, 1, 16, 32, 24)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        net.train()(x).square().mean().backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert not any(op.startswith(("aten::slow_conv3d", "aten::slow_conv_dilated3d")) for op in ops), sorted(ops)
+    # Gradients against torch's own kernels, in eval mode (batch-norm running statistics: well
+    # conditioned; with batch statistics at random init both are ≈1 % from float64).
+    plain = copy.deepcopy(net).eval()
+    net.eval()
+    grads = []
+    for model, rule in ((net, embseg.net.onednn_applies), (plain, lambda x, conv: False)):
+        monkeypatch.setattr(embseg.net, "onednn_applies", rule)
+        model.zero_grad()
+        out = model(x)
+        out.square().mean().backward()
+        grads.append((out.detach(), [p.grad for p in model.parameters()]))
+    monkeypatch.undo()
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
+    assert [a is None for a in grads[0][1]] == [b is None for b in grads[1][1]]
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * float(b.abs().max()) + 1e-8)

@@ -15,7 +15,14 @@ import weakref
 import torch
 from torch import nn
 
-from embseg.net import AxisConv3d, BranchedERFNet, Downsampler, NonBottleneck1d, Upsampler
+from embseg.net import (
+    BranchedERFNet,
+    Downsampler,
+    NonBottleneck1d,
+    Upsampler,
+    onednn_applies,
+    weight_layout,
+)
 
 
 class _ChannelAffine(nn.Module):
@@ -88,55 +95,13 @@ def fold_batchnorm(net: BranchedERFNet) -> BranchedERFNet:
 
 
 # ------------------------------------------------------------------ oneDNN for 3D on the CPU
-# For a batch of one, torch sends a 3D convolution to its slow reference kernels (slow_conv3d,
-# slow_conv_transpose3d) when ``N * C * D * H <= 20480`` (a size rule made for 2D, where it
-# reads ``N * C * H * W``): the deep, coarse layers of a 3D prediction of one small volume or
-# tile, 3-4x slower than oneDNN's kernels there, and their outputs lose the channels-last
-# layout, which sends every later layer down the same path. A 32x96x96 volume ran at ~30
-# GFLOP/s instead of ~115 (``benchmarks/RESULTS.md``). The inference copy calls oneDNN itself.
-
-
-def _cpu_autocast() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
-def _onednn_applies(x: torch.Tensor, conv: nn.Module) -> bool:
-    """CPU float32 inference outside tracing and CPU autocast (which these calls would bypass)."""
-    return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
-        and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-        and torch.backends.mkldnn.enabled and not torch.is_grad_enabled()
-        and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not _cpu_autocast()
-    )
-
-
-def _weight_layout(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
-    """``x`` in the layout of a channels-last copy's weights (a downsampler's concatenation with
-    the max-pool of a one-channel input comes out contiguous, and would keep the layers after it
-    there)."""
-    cl = torch.channels_last_3d
-    if conv.weight.is_contiguous(memory_format=cl) and not conv.weight.is_contiguous():
-        return x.contiguous(memory_format=cl)
-    return x
-
-
-class _OneDNNConv3d(nn.Conv3d):
-    """:class:`torch.nn.Conv3d` run by ``torch.mkldnn_convolution`` (inference, CPU float32)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _onednn_applies(x, self):
-            return super().forward(x)
-        return torch.mkldnn_convolution(_weight_layout(x, self), self.weight, self.bias, self.padding, self.stride,
-                                        self.dilation, self.groups)
-
-
-class _OneDNNAxisConv3d(_OneDNNConv3d, AxisConv3d):
-    """:class:`~embseg.net.AxisConv3d` run by ``torch.mkldnn_convolution`` as a 3D convolution
-    (as fast as its 2D view, which the size rule can also send to the slow kernels); the 2D
-    view otherwise."""
+# The network's own 3D convolutions call oneDNN directly on the CPU (:class:`embseg.net.Conv3d`);
+# its transposed ones cannot in training (oneDNN's transposed convolution operator has no
+# autograd), so the inference copy swaps them for the class below. For a batch of one, torch's
+# size rule (``N * C * D * H <= 20480``, made for 2D) would send the coarse layers of a thin
+# volume or small tile to its slow reference kernels (slow_conv3d, slow_conv_transpose3d), whose
+# outputs also lose the channels-last layout so that every later layer follows: a 32x96x96
+# volume ran at ~30 GFLOP/s instead of ~115 (``benchmarks/RESULTS.md``).
 
 
 class _OneDNNConvTranspose3d(nn.ConvTranspose3d):
@@ -145,10 +110,10 @@ class _OneDNNConvTranspose3d(nn.ConvTranspose3d):
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         op = _transpose_op()
-        if op is None or output_size is not None or not _onednn_applies(x, self):
+        if op is None or output_size is not None or torch.is_grad_enabled() or not onednn_applies(x, self):
             return super().forward(x, output_size)
-        return op(_weight_layout(x, self), self.weight, self.bias, list(self.padding), list(self.output_padding), list(self.stride),
-                  list(self.dilation), self.groups, "none", [], "")
+        return op(weight_layout(x, self.weight), self.weight, self.bias, list(self.padding),
+                  list(self.output_padding), list(self.stride), list(self.dilation), self.groups, "none", [], "")
 
 
 @functools.cache
@@ -170,18 +135,16 @@ def _transpose_op():
 
 
 def use_onednn_3d(net: nn.Module) -> nn.Module:
-    """Make the 3D (transposed) convolutions of an inference network call oneDNN directly on the
-    CPU (float32, autograd off); everywhere else they run as before. In place; returns ``net``.
+    """Make the 3D transposed convolutions of an inference network call oneDNN directly on the
+    CPU (float32, autograd off); everywhere else they run as before (its other convolutions do
+    so themselves, :class:`embseg.net.Conv3d`). In place; returns ``net``.
 
-    Same parameters, state dict and results (to float rounding, ≈ 1e-6): only the kernel
-    choice changes, for the layers where torch's size rule would take its slow reference
-    kernels (see above).
+    Same parameters, state dict and results (to float rounding, ≈ 1e-6): only the kernel choice
+    changes, for the layers where torch's size rule would take its slow reference kernels.
     """
-    swap = {nn.Conv3d: _OneDNNConv3d, AxisConv3d: _OneDNNAxisConv3d, nn.ConvTranspose3d: _OneDNNConvTranspose3d}
     for module in net.modules():
-        cls = swap.get(type(module))
-        if cls is not None:
-            module.__class__ = cls
+        if type(module) is nn.ConvTranspose3d:
+            module.__class__ = _OneDNNConvTranspose3d
     return net
 
 

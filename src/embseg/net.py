@@ -33,8 +33,60 @@ def _ops(ndim: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module], 
     if ndim == 2:
         return nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.MaxPool2d, nn.Dropout2d
     if ndim == 3:
-        return nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.MaxPool3d, nn.Dropout3d
+        return Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.MaxPool3d, nn.Dropout3d
     raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def onednn_applies(x: torch.Tensor, conv: nn.Module) -> bool:
+    """Whether a 3D (transposed) convolution of ``x`` should call oneDNN directly: CPU float32,
+    zero padding, oneDNN enabled, not while tracing, compiling or exporting, not under CPU
+    autocast (which direct calls would bypass).
+
+    For a batch of one, torch's own choice of kernel (a size rule, ``N·C·D·H <= 20480``, made for
+    2D) sends the coarse layers of a thin volume or small crop to its slow reference kernels
+    (``slow_conv3d``), 2–3x slower there, forward and backward (``benchmarks/RESULTS.md``).
+    """
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+        and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        and not torch.jit.is_tracing() and not (is_compiling is not None and is_compiling())
+        and not _cpu_autocast()
+    )
+
+
+def weight_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` channels-last when ``weight`` is (a channels-last inference copy): oneDNN follows the
+    input's layout, and a downsampler's concatenation with the max-pool of a one-channel input
+    comes out contiguous."""
+    cl = torch.channels_last_3d
+    if x.dim() == 5 and weight.is_contiguous(memory_format=cl) and not weight.is_contiguous():
+        return x.contiguous(memory_format=cl)
+    return x
+
+
+def _onednn_conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    return torch.mkldnn_convolution(weight_layout(x, conv.weight), conv.weight, conv.bias, conv.padding,
+                                    conv.stride, conv.dilation, conv.groups)
+
+
+class Conv3d(nn.Conv3d):
+    """:class:`torch.nn.Conv3d` (same parameters and state dict) that calls oneDNN directly on
+    the CPU (:func:`onednn_applies`), with autograd; elsewhere torch's own path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if onednn_applies(x, self):
+                return _onednn_conv3d(self, x)
+        return super().forward(x)
 
 
 def _relu(x: torch.Tensor) -> torch.Tensor:
@@ -52,21 +104,27 @@ def _add_relu(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.add_(x).relu_()
 
 
-class AxisConv3d(nn.Conv3d):
+class AxisConv3d(Conv3d):
     """A 3D convolution whose kernel spans one axis (3×1×1, 1×3×1 or 1×1×3), a plain
     :class:`torch.nn.Conv3d` (same parameters and state dict) that runs channels-last input as a
     2D convolution.
 
     In channels-last memory ``(B, D, H, W, C)`` the D axis is the first axis of a
     ``(B, D, H·W)`` image and the H and W axes those of a ``(B·D, H, W)`` image, so the 1-D
-    convolution is a 2D one on a view, without copies; with oneDNN's 2D kernels a 3D prediction
-    on the CPU takes ≈ 20 % less time (``benchmarks/RESULTS.md``). Other layouts take the 3D path. The
-    outputs are the same up to float rounding.
+    convolution is a 2D one on a view, without copies. On the CPU (float32, eager) it calls
+    oneDNN's 3D kernel directly instead, as :class:`Conv3d` does (as fast as the 2D view, which
+    torch's size rule can also send to a slow kernel); the view serves channels-last input
+    elsewhere (traced, other devices). Other layouts take the plain 3D path. The outputs are the
+    same up to float rounding.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if onednn_applies(x, self):  # oneDNN's 3D kernel: as fast as the 2D view here
+                return _onednn_conv3d(self, x)
         if x.dim() != 5 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d):
-            return super().forward(x)
+            return nn.functional.conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                        self.groups)
         b, c, d, h, w = x.shape
         axis = max(range(3), key=lambda a: self.kernel_size[a])
         if axis == 0:
