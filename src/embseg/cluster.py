@@ -34,6 +34,7 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -171,17 +172,35 @@ def _build_tree(points: np.ndarray) -> cKDTree:
     return cKDTree(points, leafsize=32, balanced_tree=False, compact_nodes=False)
 
 
-def _search_trees(points: np.ndarray) -> list[tuple[cKDTree, int]]:
+class _Tree(NamedTuple):
+    """A KD-tree over consecutive candidates, from index ``first``, with its bounding box and the
+    smallest ball radius that can cover :data:`_SCAN_FRACTION` of it (half of that fraction of
+    its widest extent)."""
+
+    tree: cKDTree
+    first: int
+    mins: np.ndarray
+    maxes: np.ndarray
+    scan_radius: float
+
+
+def _tree(tree: cKDTree, first: int) -> _Tree:
+    mins, maxes = np.asarray(tree.mins), np.asarray(tree.maxes)
+    widest = float(np.max(maxes - mins)) if mins.size else 0.0
+    return _Tree(tree, first, mins, maxes, 0.5 * _SCAN_FRACTION * widest)
+
+
+def _search_trees(points: np.ndarray) -> list[_Tree]:
     """KD-trees over consecutive parts of ``points`` ``(N, D)``, each with the index of its
     first point. Two parts (built concurrently: the build releases the GIL) above
     :data:`_SPLIT_TREE_MIN` points when torch's thread count allows two threads, else one."""
     n = points.shape[0]
     if n < _SPLIT_TREE_MIN or torch.get_num_threads() < 2:
-        return [(_build_tree(points), 0)]
+        return [_tree(_build_tree(points), 0)]
     half = n // 2
     other = _pool().submit(_build_tree, points[half:])
     first = _build_tree(points[:half])
-    return [(first, 0), (other.result(), half)]
+    return [_tree(first, 0), _tree(other.result(), half)]
 
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
@@ -203,32 +222,37 @@ def _pool() -> ThreadPoolExecutor:
 _SCAN_FRACTION = 0.25
 
 
-def _ball(trees: list[tuple[cKDTree, int]], centre: np.ndarray, radius: float) -> np.ndarray | None:
+def _ball(trees: list[_Tree], centre: np.ndarray, radius: float) -> np.ndarray | None:
     """Indices of (a superset of) the points within ``radius`` of ``centre`` over the trees, in
     no particular order; ``None`` for all points. A tree whose bounding box the ball clearly
-    misses is not asked; one it mostly covers (:data:`_SCAN_FRACTION`) is taken whole."""
+    misses is not asked (when there are several); one it mostly covers (:data:`_SCAN_FRACTION`)
+    is taken whole."""
     parts = []
     whole = 0
     reach = radius * (1 + 1e-9) + 1e-300
-    for tree, first in trees:
-        lo, hi = tree.mins, tree.maxes
-        if np.any(lo - centre > reach) or np.any(centre - hi > reach):
+    for t in trees:
+        if len(trees) > 1 and (np.any(t.mins - centre > reach) or np.any(centre - t.maxes > reach)):
             continue
-        span = hi - lo
-        inter = np.clip(np.minimum(hi, centre + radius) - np.maximum(lo, centre - radius), 0.0, None)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            covered = np.where(span > 0, inter / span, 1.0)
-        if float(np.prod(covered)) >= _SCAN_FRACTION:
+        if radius >= t.scan_radius and _covered(t, centre, radius) >= _SCAN_FRACTION:
             whole += 1
-            parts.append(np.arange(first, first + tree.n, dtype=np.intp))
+            parts.append(np.arange(t.first, t.first + t.tree.n, dtype=np.intp))
             continue
-        found = np.asarray(tree.query_ball_point(centre, radius, return_sorted=False), dtype=np.intp)
-        parts.append(found + first if first else found)
+        found = np.asarray(t.tree.query_ball_point(centre, radius, return_sorted=False), dtype=np.intp)
+        parts.append(found + t.first if t.first else found)
     if whole == len(trees):
         return None
     if not parts:
         return np.zeros(0, dtype=np.intp)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _covered(t: _Tree, centre: np.ndarray, radius: float) -> float:
+    """Fraction of the tree's bounding box inside the box around the ball (product over axes;
+    an axis of zero extent counts as covered)."""
+    span = t.maxes - t.mins
+    inter = np.clip(np.minimum(t.maxes, centre + radius) - np.maximum(t.mins, centre - radius), 0.0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.prod(np.where(span > 0, inter / span, 1.0)))
 
 
 def _within_radius(s: np.ndarray, step: Sequence[float], max_radius: Sequence[float]) -> np.ndarray:
