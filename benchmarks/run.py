@@ -370,7 +370,7 @@ NOTES = [
     "images (each normalised on its own), its own thresholds (seed 0.9, foreground 0.5, min size 21; the "
     "reference `min_object_size` 20); 3D: the benchmark's QCANet model (`bench_model.py`: "
     "`configs/qcanet-3d.yaml`, 12 min of training, trained once by `make bench` when missing) on the "
-    "embryo tiled 1×2×2 (51×240×244), its thresholds (seed 0.8, foreground 0.3, min size 1024), the "
+    "embryo tiled 1×2×2 (51×240×244), its tuned thresholds (`config.json`; seed 0.5, foreground 0.4, min size 1024), the "
     "reference grid the volume rounded up to 8 with the pixel size giving the model's step. The check "
     "gives our split of the time into network (`predict_raw`) and clustering (`cluster`), best of 2, "
     "measured after the repetitions.",
