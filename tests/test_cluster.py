@@ -201,6 +201,16 @@ def test_ideal_outputs_equal_literal_and_truth(shape, anisotropy, n_objects):
     assert same_partition(got, truth)
 
 
+def _random_2d_and_3d_equal_literal() -> None:
+    """``cluster`` equals the literal algorithm on a random 2D and a random anisotropic 3D image."""
+    for rng_seed, shape, anisotropy in [(0, (48, 64), 1.0), (2, (10, 24, 28), 2.0)]:
+        rng = np.random.default_rng(rng_seed)
+        step = grid_step(len(shape), anisotropy)
+        raw = random_raw(shape, step, rng)
+        expected, _ = literal_cluster(raw, step, 0.9, 0.5, 5)
+        np.testing.assert_array_equal(cluster(raw, step, 0.9, 0.5, 5), expected)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_split_search_trees_equal_literal(monkeypatch, threads):
     import embseg.cluster as cluster_module
@@ -209,12 +219,7 @@ def test_split_search_trees_equal_literal(monkeypatch, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for rng_seed, shape, anisotropy in [(0, (48, 64), 1.0), (2, (10, 24, 28), 2.0)]:
-            rng = np.random.default_rng(rng_seed)
-            step = grid_step(len(shape), anisotropy)
-            raw = random_raw(shape, step, rng)
-            expected, _ = literal_cluster(raw, step, 0.9, 0.5, 5)
-            np.testing.assert_array_equal(cluster(raw, step, 0.9, 0.5, 5), expected)
+        _random_2d_and_3d_equal_literal()
         trees = cluster_module._search_trees(np.random.default_rng(1).random((60, 2)))
         assert len(trees) == (2 if threads == 2 else 1)
     finally:
@@ -240,12 +245,7 @@ def test_whole_trees_instead_of_searches_equal_literal(monkeypatch, split, fract
         return near
 
     monkeypatch.setattr(cluster_module, "_ball", counted)
-    for rng_seed, shape, anisotropy in [(0, (48, 64), 1.0), (2, (10, 24, 28), 2.0)]:
-        rng = np.random.default_rng(rng_seed)
-        step = grid_step(len(shape), anisotropy)
-        raw = random_raw(shape, step, rng)
-        expected, _ = literal_cluster(raw, step, 0.9, 0.5, 5)
-        np.testing.assert_array_equal(cluster(raw, step, 0.9, 0.5, 5), expected)
+    _random_2d_and_3d_equal_literal()
     if fraction == 0.0 and not split:
         assert calls["all"] > 0 and calls["some"] == 0
     if fraction == 2.0:

@@ -86,6 +86,10 @@ class Conv3d(nn.Conv3d):
         if not torch.jit.is_scripting():
             if onednn_applies(x, self):
                 return _onednn_conv3d(self, x)
+        return self._torch_forward(x)
+
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution where oneDNN is not called directly."""
         return super().forward(x)
 
 
@@ -118,13 +122,9 @@ class AxisConv3d(Conv3d):
     same up to float rounding.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            if onednn_applies(x, self):  # oneDNN's 3D kernel: as fast as the 2D view here
-                return _onednn_conv3d(self, x)
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d):
-            return nn.functional.conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                        self.groups)
+            return super()._torch_forward(x)
         b, c, d, h, w = x.shape
         axis = max(range(3), key=lambda a: self.kernel_size[a])
         if axis == 0:
