@@ -188,6 +188,18 @@ def _cluster_scan_variants(wider: float):
                  "whole trees when covered": lambda: setattr(module, "_SCAN_FRACTION", 0.25)}, time.perf_counter
 
 
+def _loss_backend_variants(ndim: str):
+    """The loss's torch formulation against the compiled kernel (embseg.loss_kernel), on the
+    loss benchmark's inputs."""
+    import embseg.loss_kernel as module
+
+    folder = HERE / "_work" / "inputs" / "full" / f"loss_{ndim}"
+    meta = json.loads((folder / "meta.json").read_text())
+    run, _ = worker.bench_loss("ours", folder, meta)
+    return run, {"torch operators": lambda: setattr(module, "AVAILABLE", False),
+                 "compiled kernel": lambda: setattr(module, "AVAILABLE", True)}, time.perf_counter
+
+
 def _variants(name: str, shape: tuple[int, ...], wider: float):
     if name == "onednn-3d":
         return _onednn_variants(shape)
@@ -195,6 +207,8 @@ def _variants(name: str, shape: tuple[int, ...], wider: float):
         return _train_onednn_variants(shape)
     if name == "cluster-scan":
         return _cluster_scan_variants(wider)
+    if name.startswith("loss-backend"):
+        return _loss_backend_variants(name.removeprefix("loss-backend-"))
     if name.startswith("predict"):
         return _predict_variants(name)
     if name.startswith("train-relu"):
@@ -217,7 +231,8 @@ def _variants(name: str, shape: tuple[int, ...], wider: float):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=("cluster-trees", "medoid-groups", "predict-2d", "predict-3d", "train-relu-2d",
-                                         "train-relu-3d", "onednn-3d", "train-onednn-3d", "cluster-scan"))
+                                         "train-relu-3d", "onednn-3d", "train-onednn-3d", "cluster-scan", "loss-backend-2d",
+                                         "loss-backend-3d"))
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--shape", default="32,96,96", help="onednn-3d: the volume (Z,Y,X)")
     parser.add_argument("--wider", type=float, default=0.0,
@@ -237,6 +252,8 @@ def main() -> None:
             times[name].append(clock() - start)
     if args.what == "onednn-3d":
         same = all(np.allclose(outputs[names[0]], outputs[n], rtol=1e-4, atol=1e-5) for n in names[1:])
+    elif args.what.startswith("loss-backend"):  # float32 (torch) against float64 arithmetic (kernel)
+        same = all(np.isclose(outputs[names[0]], outputs[n], rtol=1e-4) for n in names[1:])
     elif args.what == "train-onednn-3d":  # batch statistics at random init amplify rounding
         scale = float(np.abs(outputs[names[0]]).max())
         same = all(np.allclose(outputs[names[0]], outputs[n], rtol=1e-3, atol=1e-3 * scale) for n in names[1:])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from embseg import loss_kernel
 from embseg.embedding import grid_step
 from embseg.loss import (
     _DENSE_MAX_IDS,
@@ -15,6 +16,7 @@ from embseg.loss import (
     _own_likelihood,
     _select_pairs,
     _select_pairs_dense,
+    _use_compiled,
     gt_center_iou,
     lovasz_hinge_rows,
     spatial_embedding_loss,
@@ -23,6 +25,12 @@ from embseg.loss import (
 torch.set_num_threads(1)
 
 DATA = Path("/work/shared/data")
+
+#: Both formulations of the loss: tensor operators and the compiled kernel (embseg.loss_kernel).
+BACKENDS = [
+    "torch",
+    pytest.param("compiled", marks=pytest.mark.skipif(not loss_kernel.AVAILABLE, reason="numba not available")),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,25 +205,27 @@ def test_lovasz_rows_match_reference():
     torch.testing.assert_close(g_mine, g_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("phi_cutoff", [0.0, 1e-12])
-def test_loss_matches_reference_float64(ndim, phi_cutoff):
+def test_loss_matches_reference_float64(ndim, phi_cutoff, backend):
     instances, centers, step, rng, shape = synthetic_batch(ndim)
     for sigma_mean in (-0.1, 0.3):
         raw = make_raw(rng, 3, ndim, shape, torch.float64, offset_scale=0.05, sigma_mean=sigma_mean)
         _, grad = assert_matches_reference(
-            raw, instances, centers, step, 10.0, rtol=1e-8, atol=1e-10, phi_cutoff=phi_cutoff
+            raw, instances, centers, step, 10.0, rtol=1e-8, atol=1e-10, phi_cutoff=phi_cutoff, backend=backend
         )
         # The object terms contribute: offsets and sigmas have gradient.
         assert grad[:, : 2 * ndim].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_loss_float32_close_to_float64_reference(ndim):
+def test_loss_float32_close_to_float64_reference(ndim, backend):
     instances, centers, step, rng, shape = synthetic_batch(ndim, seed=1)
     raw64 = make_raw(rng, 3, ndim, shape, torch.float64, offset_scale=0.05, sigma_mean=0.2)
     raw32 = raw64.float().requires_grad_()
-    loss32, _ = spatial_embedding_loss(raw32, instances, centers, step, 10.0)
+    loss32, _ = spatial_embedding_loss(raw32, instances, centers, step, 10.0, backend=backend)
     loss32.backward()
     raw64 = raw64.requires_grad_()
     ref, _ = reference_loss(raw64, instances, centers, step, 10.0)
@@ -225,38 +235,44 @@ def test_loss_float32_close_to_float64_reference(ndim):
     torch.testing.assert_close(raw32.grad.double(), raw64.grad, rtol=1e-3, atol=1e-4 * scale)
 
 
-def test_weights_are_used():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_are_used(backend):
     instances, centers, step, rng, shape = synthetic_batch(2, seed=2)
     raw = make_raw(rng, 3, 2, shape, torch.float64, offset_scale=0.05, sigma_mean=0.2)
-    loss, parts = spatial_embedding_loss(raw, instances, centers, step, 3.0, w_inst=0.5, w_var=2.0, w_seed=4.0)
+    loss, parts = spatial_embedding_loss(raw, instances, centers, step, 3.0, w_inst=0.5, w_var=2.0, w_seed=4.0,
+                                         backend=backend)
     ref, _ = reference_loss(raw, instances, centers, step, 3.0, w_inst=0.5, w_var=2.0, w_seed=4.0)
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
     expected = 0.5 * parts["instance"] + 2.0 * parts["variance"] + 4.0 * parts["seed"]
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_max_label_upper_bound_gives_same_result():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_label_upper_bound_gives_same_result(backend):
     instances, centers, step, rng, shape = synthetic_batch(2, seed=3)
     raw = make_raw(rng, 3, 2, shape, torch.float64, offset_scale=0.05, sigma_mean=0.2)
-    a, _ = spatial_embedding_loss(raw, instances, centers, step, 10.0)
-    b, _ = spatial_embedding_loss(raw, instances, centers, step, 10.0, max_label=int(instances.max()) + 7)
+    a, _ = spatial_embedding_loss(raw, instances, centers, step, 10.0, backend=backend)
+    b, _ = spatial_embedding_loss(raw, instances, centers, step, 10.0, max_label=int(instances.max()) + 7,
+                                  backend=backend)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_multiple_centre_pixels_use_their_mean():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multiple_centre_pixels_use_their_mean(backend):
     instances, centers, step, rng, shape = synthetic_batch(2, seed=4)
     ids = [int(i) for i in torch.unique(instances[0]) if i]
     where = torch.nonzero(instances[0] == ids[0])
     centers[0, where[0, 0], where[0, 1]] = ids[0]
     centers[0, where[-1, 0], where[-1, 1]] = ids[0]
     raw = make_raw(rng, 3, 2, shape, torch.float64, offset_scale=0.05, sigma_mean=0.2)
-    assert_matches_reference(raw, instances, centers, step, 10.0, rtol=1e-8, atol=1e-10)
+    assert_matches_reference(raw, instances, centers, step, 10.0, rtol=1e-8, atol=1e-10, backend=backend)
 
 
-def test_no_objects_keeps_graph_alive():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_objects_keeps_graph_alive(backend):
     raw = torch.randn(2, 5, 16, 16, requires_grad=True)
     instances = torch.zeros(2, 16, 16, dtype=torch.long)
-    loss, parts = spatial_embedding_loss(raw, instances, instances.clone(), grid_step(2), 10.0)
+    loss, parts = spatial_embedding_loss(raw, instances, instances.clone(), grid_step(2), 10.0, backend=backend)
     loss.backward()
     assert raw.grad is not None
     assert torch.all(raw.grad[:, :4] == 0)
@@ -276,7 +292,8 @@ def test_bad_shapes_raise():
                                grid_step(3), 10.0)
 
 
-def test_cutoff_prunes_and_stays_equal_on_realistic_outputs():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cutoff_prunes_and_stays_equal_on_realistic_outputs(backend):
     """Near the network's initial state (large bandwidth), pruning is exact to 1e-5."""
     rng = np.random.default_rng(5)
     shape = (64, 64)
@@ -295,7 +312,7 @@ def test_cutoff_prunes_and_stays_equal_on_realistic_outputs():
     results = []
     for cutoff in (0.0, 1e-12, 1e-6):
         r = raw.clone().requires_grad_()
-        loss, _ = spatial_embedding_loss(r, instances, centres, step, 10.0, phi_cutoff=cutoff)
+        loss, _ = spatial_embedding_loss(r, instances, centres, step, 10.0, phi_cutoff=cutoff, backend=backend)
         loss.backward()
         results.append((loss.detach(), r.grad))
     for loss, grad in results[1:]:
@@ -349,11 +366,12 @@ def test_few_ids_selection_equals_dense_selection(ndim, phi_cutoff):
     assert torch.equal(torch.sort(fast).values, dense)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_many_objects_match_reference_float64(ndim):
+def test_many_objects_match_reference_float64(ndim, backend):
     instances, centers, step, rng, shape = many_objects_batch(ndim, 20, seed=12)
     raw = make_raw(rng, 2, ndim, shape, torch.float64, offset_scale=0.02, sigma_mean=0.6)
-    assert_matches_reference(raw, instances, centers, step, 10.0, rtol=1e-8, atol=1e-10)
+    assert_matches_reference(raw, instances, centers, step, 10.0, rtol=1e-8, atol=1e-10, backend=backend)
 
 
 def test_lovasz_rows_float32_match_reference():
@@ -422,8 +440,9 @@ def relabel(labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.skipif(not (DATA / "dsb2018_fluo/train/masks").is_dir(), reason="real data not available")
-def test_loss_on_real_dsb_crops():
+def test_loss_on_real_dsb_crops(backend):
     tifffile = pytest.importorskip("tifffile")
     files = sorted((DATA / "dsb2018_fluo/train/masks").glob("*.tif"))[:6]
     crops = []
@@ -441,11 +460,12 @@ def test_loss_on_real_dsb_crops():
     centres = torch.tensor(np.stack([first_pixel_centres(c) for c in crops]))
     rng = np.random.default_rng(8)
     raw = make_raw(rng, len(crops), 2, (96, 96), torch.float64, offset_scale=0.004, sigma_mean=0.9)
-    assert_matches_reference(raw, instances, centres, grid_step(2), 10.0, rtol=1e-5, atol=1e-8)
+    assert_matches_reference(raw, instances, centres, grid_step(2), 10.0, rtol=1e-5, atol=1e-8, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.skipif(not (DATA / "qcanet_embryo_3d/train/masks").is_dir(), reason="real data not available")
-def test_loss_on_real_3d_crop():
+def test_loss_on_real_3d_crop(backend):
     tifffile = pytest.importorskip("tifffile")
     mask = tifffile.imread(next(iter(sorted((DATA / "qcanet_embryo_3d/train/masks").glob("*.tif")))))
     crop = relabel(mask[16:32, 30:78, 30:78].astype(np.int64))
@@ -454,16 +474,96 @@ def test_loss_on_real_3d_crop():
     centres = torch.tensor(first_pixel_centres(crop)[None])
     rng = np.random.default_rng(9)
     raw = make_raw(rng, 1, 3, crop.shape, torch.float64, offset_scale=0.004, sigma_mean=0.8)
-    assert_matches_reference(raw, instances, centres, grid_step(3, anisotropy=2.18), 35.0, rtol=1e-5, atol=1e-8)
+    assert_matches_reference(raw, instances, centres, grid_step(3, anisotropy=2.18), 35.0, rtol=1e-5, atol=1e-8,
+                             backend=backend)
 
 
-def test_half_precision_outputs_are_computed_in_float32():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_outputs_are_computed_in_float32(backend):
     instances, centers, step, rng, shape = synthetic_batch(2, seed=10)
     raw = make_raw(rng, 3, 2, shape, torch.float32, offset_scale=0.05, sigma_mean=0.2)
     half = raw.to(torch.bfloat16).requires_grad_()
-    loss, _ = spatial_embedding_loss(half, instances.int(), centers.short(), step, 10.0)
+    loss, _ = spatial_embedding_loss(half, instances.int(), centers.short(), step, 10.0, backend=backend)
     assert loss.dtype == torch.float32
     loss.backward()
     assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad.float()).all()
-    ref, _ = spatial_embedding_loss(half.detach().float(), instances, centers, step, 10.0)
+    ref, _ = spatial_embedding_loss(half.detach().float(), instances, centers, step, 10.0, backend=backend)
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled kernel and the dispatch
+
+needs_numba = pytest.mark.skipif(not loss_kernel.AVAILABLE, reason="numba not available")
+
+
+def test_auto_backend_picks_the_kernel_on_cpu_and_rejects_unknown_names():
+    raw = torch.zeros(1, 5, 4, 4)
+    assert _use_compiled(raw, "auto") == loss_kernel.AVAILABLE
+    assert not _use_compiled(raw, "torch")
+    assert not _use_compiled(raw.half(), "auto")  # half inputs are converted to float32 first
+    with pytest.raises(ValueError, match="backend"):
+        _use_compiled(raw, "numba")
+
+
+@needs_numba
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_compiled_equals_torch_on_realistic_float32_outputs(ndim):
+    """Both formulations on crops with many objects (the grid search), several bandwidths."""
+    instances, centers, step, rng, shape = many_objects_batch(ndim, 24, seed=13)
+    for offset_scale, sigma_mean in [(0.004, 0.9), (0.05, 0.3), (0.01, 1.5)]:
+        raw = make_raw(rng, 2, ndim, shape, torch.float32, offset_scale=offset_scale, sigma_mean=sigma_mean)
+        raw[0, :ndim, :3] = 4.0  # embeddings far outside the crop
+        out = {}
+        for backend in ("torch", "compiled"):
+            r = raw.clone().requires_grad_()
+            loss, parts = spatial_embedding_loss(r, instances, centers, step, 10.0, backend=backend)
+            loss.backward()
+            out[backend] = (loss.detach(), parts, r.grad)
+        (loss_t, parts_t, grad_t), (loss_c, parts_c, grad_c) = out["torch"], out["compiled"]
+        assert grad_c.dtype == torch.float32
+        torch.testing.assert_close(loss_c, loss_t, rtol=1e-5, atol=1e-7)
+        for key in parts_t:
+            torch.testing.assert_close(parts_c[key], parts_t[key], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad_c, grad_t, rtol=1e-3, atol=1e-4 * grad_t.abs().max())
+
+
+@needs_numba
+def test_compiled_gradient_follows_the_upstream_gradient_and_layout():
+    instances, centers, step, rng, shape = synthetic_batch(2, seed=14)
+    raw = make_raw(rng, 3, 2, shape, torch.float32, offset_scale=0.05, sigma_mean=0.3)
+    r1 = raw.clone().requires_grad_()
+    loss, _ = spatial_embedding_loss(r1, instances, centers, step, 10.0, backend="compiled")
+    loss.backward()
+    # A scaled loss (virtual batches, gradient scalers) scales the gradient; a channels-last input works.
+    r2 = raw.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    loss2, _ = spatial_embedding_loss(r2, instances, centers, step, 10.0, backend="compiled")
+    (2.5 * loss2).backward()
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+    torch.testing.assert_close(r2.grad, 2.5 * r1.grad, rtol=1e-6, atol=0)
+    # Without gradient the value is the same.
+    with torch.no_grad():
+        loss3, _ = spatial_embedding_loss(raw, instances, centers, step, 10.0, backend="compiled")
+    assert float(loss3) == float(loss.detach())
+
+
+@needs_numba
+def test_compiled_threads_give_identical_results():
+    instances, centers, step, rng, shape = many_objects_batch(3, 20, seed=15)
+    raw = make_raw(rng, 2, 3, shape, torch.float32, offset_scale=0.02, sigma_mean=0.6).numpy()
+    flat = raw.reshape(2, 7, -1)
+    args = (np.tanh(flat[:, :3]), instances.reshape(2, -1).numpy(), centers.reshape(2, -1).numpy(), shape, step,
+            int(instances.max()), 10.0, 1.0, 10.0, 1.0, 1e-12)
+    one = loss_kernel.loss_and_gradient(flat, *args, n_threads=1)
+    two = loss_kernel.loss_and_gradient(flat, *args, n_threads=2)
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
+
+
+@needs_numba
+def test_compiled_rejects_ids_above_max_label():
+    instances, centers, step, rng, shape = synthetic_batch(2, seed=16)
+    raw = make_raw(rng, 3, 2, shape, torch.float32, offset_scale=0.05, sigma_mean=0.3)
+    with pytest.raises(ValueError, match="max_label"):
+        spatial_embedding_loss(raw, instances, centers, step, 10.0, max_label=2, backend="compiled")
+    with pytest.raises(ValueError, match="negative"):
+        spatial_embedding_loss(raw, -instances, centers, step, 10.0, backend="compiled")

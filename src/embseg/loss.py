@@ -52,6 +52,7 @@ from typing import NamedTuple
 
 import torch
 
+from embseg import loss_kernel
 from embseg.embedding import bandwidth, coordinates, embeddings, likelihood, split_raw
 
 __all__ = ["DEFAULT_PHI_CUTOFF", "gt_center_iou", "lovasz_hinge_rows", "spatial_embedding_loss"]
@@ -361,6 +362,7 @@ def spatial_embedding_loss(
     *,
     max_label: int | None = None,
     phi_cutoff: float = DEFAULT_PHI_CUTOFF,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Spatial-embedding loss of a batch of crops.
 
@@ -389,6 +391,11 @@ def spatial_embedding_loss(
     phi_cutoff
         Background pixels with ``phi_k`` below this are left out of object ``k``'s Lovasz hinge
         (see :data:`DEFAULT_PHI_CUTOFF`); 0 keeps every pixel (the literal definition).
+    backend
+        ``'compiled'``: the numba kernel of :mod:`embseg.loss_kernel` (CPU tensors only; value
+        and gradient in one pass, arithmetic in float64). ``'torch'``: tensor operators (any
+        device). ``'auto'`` (default): compiled for CPU tensors when numba is available and the
+        call is not traced or compiled, else torch.
 
     Returns
     -------
@@ -424,6 +431,9 @@ def spatial_embedding_loss(
     """
     if raw.dtype in (torch.float16, torch.bfloat16):
         raw = raw.float()  # exp(10 * sigma) and the Lovasz weights need float32
+    if _use_compiled(raw, backend):
+        return _compiled_loss(raw, instances, centers, step, fg_weight, w_inst, w_var, w_seed, max_label,
+                              phi_cutoff)
     objects = _objects(raw, instances, centers, step, max_label)
     ndim = len(step)
     batch = raw.shape[0]
@@ -470,6 +480,95 @@ def spatial_embedding_loss(
         "seed": seed_term.detach().mean(),
     }
     return loss, parts
+
+
+def _use_compiled(raw: torch.Tensor, backend: str) -> bool:
+    if backend not in ("auto", "compiled", "torch"):
+        raise ValueError(f"backend must be 'auto', 'compiled' or 'torch', got {backend!r}")
+    if backend == "torch":
+        return False
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    applies = (
+        raw.device.type == "cpu" and raw.dtype in (torch.float32, torch.float64)
+        and not torch.jit.is_tracing() and not (is_compiling is not None and is_compiling())
+    )
+    if backend == "compiled":
+        if not loss_kernel.AVAILABLE:
+            raise RuntimeError("backend='compiled' needs numba (pip install numba)")
+        if not applies:
+            raise ValueError(f"backend='compiled' runs on CPU float tensors, got {raw.dtype} on {raw.device}")
+        return True
+    return applies and loss_kernel.AVAILABLE
+
+
+class _CompiledLoss(torch.autograd.Function):
+    """The batch loss from :func:`embseg.loss_kernel.loss_and_gradient`; its gradient, computed
+    in the forward pass, is kept and scaled by the upstream gradient in the backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        raw: torch.Tensor,
+        labels: torch.Tensor,
+        marks: torch.Tensor,
+        shape: tuple[int, ...],
+        step: tuple[float, ...],
+        n_ids: int,
+        weights: tuple[float, float, float, float],
+        phi_cutoff: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        fg_weight, w_inst, w_var, w_seed = weights
+        batch, channels = raw.shape[:2]
+        flat = raw.detach().contiguous().view(batch, channels, -1)
+        tanh_offsets = torch.tanh(flat[:, : len(shape)])
+        need_grad = ctx.needs_input_grad[0]
+        terms, grad = loss_kernel.loss_and_gradient(
+            flat.numpy(), tanh_offsets.numpy(), labels.numpy(), marks.numpy(), shape, step, n_ids, fg_weight, w_inst, w_var, w_seed,
+            phi_cutoff, need_grad=need_grad, n_threads=torch.get_num_threads(),
+        )
+        per_image = torch.from_numpy(terms).to(raw.dtype)
+        loss = (per_image @ torch.tensor([w_inst, w_var, w_seed], dtype=raw.dtype)).mean()
+        if need_grad:
+            ctx.save_for_backward(torch.from_numpy(grad).view(raw.shape))
+        ctx.mark_non_differentiable(per_image)
+        return loss, per_image
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor, _grad_terms: torch.Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None, None, None, None, None
+
+
+def _compiled_loss(
+    raw: torch.Tensor,
+    instances: torch.Tensor,
+    centers: torch.Tensor,
+    step: Sequence[float],
+    fg_weight: float,
+    w_inst: float,
+    w_var: float,
+    w_seed: float,
+    max_label: int | None,
+    phi_cutoff: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ndim = len(step)
+    if raw.dim() != ndim + 2 or raw.shape[1] != 2 * ndim + 1:
+        raise ValueError(f"raw must be (B, {2 * ndim + 1}, *S) with {ndim} spatial axes, got {tuple(raw.shape)}")
+    batch, spatial = raw.shape[0], tuple(raw.shape[2:])
+    if tuple(instances.shape) != (batch, *spatial) or tuple(centers.shape) != (batch, *spatial):
+        raise ValueError(
+            f"instances {tuple(instances.shape)} and centers {tuple(centers.shape)} must be {(batch, *spatial)}"
+        )
+    n_ids = _resolve_max_label(instances, max_label)
+    steps = tuple(float(h) for h in (step.tolist() if isinstance(step, torch.Tensor) else step))
+    labels = instances.reshape(batch, -1).to(torch.int64).contiguous()
+    marks = centers.reshape(batch, -1).to(torch.int64).contiguous()
+    loss, per_image = _CompiledLoss.apply(raw, labels, marks, spatial, steps, n_ids,
+                                          (float(fg_weight), float(w_inst), float(w_var), float(w_seed)),
+                                          float(phi_cutoff))
+    means = per_image.mean(0)
+    return loss, {"instance": means[0], "variance": means[1], "seed": means[2]}
 
 
 def _query_limit(objects: _Objects, own_phi: torch.Tensor, phi_cutoff: float) -> torch.Tensor:
