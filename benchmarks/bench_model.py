@@ -22,6 +22,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIG = ROOT / "configs" / "qcanet-3d.yaml"
 OUTPUT = HERE / "_work" / "models" / "qcanet-3d"
+# The data as the benchmark inputs find it: the config's own paths are relative to a checkout
+# next to ../shared, which a clone elsewhere (CI, /tmp) is not.
+sys.path.insert(0, str(HERE))
+from inputs import QCANET  # noqa: E402
 
 
 def _complete(folder: Path) -> bool:
@@ -35,7 +39,8 @@ def qcanet_model_dir(train: bool = True) -> Path:
     if not train:
         raise FileNotFoundError(f"no benchmark 3D model in {OUTPUT}")
     embseg = Path(sys.executable).parent / "embseg"
-    cmd = [str(embseg), "train", "--config", str(CONFIG), "--output", str(OUTPUT), "--quiet"]
+    cmd = [str(embseg), "train", "--config", str(CONFIG), "--images", str(QCANET / "images"),
+           "--masks", str(QCANET / "masks"), "--output", str(OUTPUT), "--quiet"]
     if (OUTPUT / "checkpoints").is_dir():
         cmd.append("--resume")  # an interrupted earlier training
     print("training the benchmark's 3D model (12 min): " + " ".join(cmd), file=sys.stderr, flush=True)
