@@ -552,7 +552,7 @@ def test_compiled_threads_give_identical_results():
     instances, centers, step, rng, shape = many_objects_batch(3, 20, seed=15)
     raw = make_raw(rng, 2, 3, shape, torch.float32, offset_scale=0.02, sigma_mean=0.6).numpy()
     flat = raw.reshape(2, 7, -1)
-    args = (np.tanh(flat[:, :3]), instances.reshape(2, -1).numpy(), centers.reshape(2, -1).numpy(), shape, step,
+    args = (np.tanh(flat[:, :3]), 1 / (1 + np.exp(-flat[:, 6])), instances.reshape(2, -1).numpy(), centers.reshape(2, -1).numpy(), shape, step,
             int(instances.max()), 10.0, 1.0, 10.0, 1.0, 1e-12)
     one = loss_kernel.loss_and_gradient(flat, *args, n_threads=1)
     two = loss_kernel.loss_and_gradient(flat, *args, n_threads=2)
@@ -567,3 +567,13 @@ def test_compiled_rejects_ids_above_max_label():
         spatial_embedding_loss(raw, instances, centers, step, 10.0, max_label=2, backend="compiled")
     with pytest.raises(ValueError, match="negative"):
         spatial_embedding_loss(raw, -instances, centers, step, 10.0, backend="compiled")
+
+
+@needs_numba
+def test_compiled_backward_runs_once_with_a_clear_error_after():
+    instances, centers, step, rng, shape = synthetic_batch(2, seed=17)
+    raw = make_raw(rng, 3, 2, shape, torch.float32, offset_scale=0.05, sigma_mean=0.3).requires_grad_()
+    loss, _ = spatial_embedding_loss(raw, instances, centers, step, 10.0, backend="compiled")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        loss.backward()

@@ -503,7 +503,8 @@ def _use_compiled(raw: torch.Tensor, backend: str) -> bool:
 
 class _CompiledLoss(torch.autograd.Function):
     """The batch loss from :func:`embseg.loss_kernel.loss_and_gradient`; its gradient, computed
-    in the forward pass, is kept and scaled by the upstream gradient in the backward."""
+    in the forward pass, is kept and scaled by the upstream gradient in the backward (which can
+    run once per forward)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -520,24 +521,33 @@ class _CompiledLoss(torch.autograd.Function):
         fg_weight, w_inst, w_var, w_seed = weights
         batch, channels = raw.shape[:2]
         flat = raw.detach().contiguous().view(batch, channels, -1)
-        tanh_offsets = torch.tanh(flat[:, : len(shape)])
+        ndim = len(shape)
+        tanh_offsets = torch.tanh(flat[:, :ndim])
+        seediness = torch.sigmoid(flat[:, 2 * ndim])
         need_grad = ctx.needs_input_grad[0]
         terms, grad = loss_kernel.loss_and_gradient(
-            flat.numpy(), tanh_offsets.numpy(), labels.numpy(), marks.numpy(), shape, step, n_ids, fg_weight, w_inst, w_var, w_seed,
+            flat.numpy(), tanh_offsets.numpy(), seediness.numpy(), labels.numpy(), marks.numpy(), shape, step, n_ids, fg_weight, w_inst, w_var, w_seed,
             phi_cutoff, need_grad=need_grad, n_threads=torch.get_num_threads(),
         )
         per_image = torch.from_numpy(terms).to(raw.dtype)
         loss = (per_image @ torch.tensor([w_inst, w_var, w_seed], dtype=raw.dtype)).mean()
-        if need_grad:
-            ctx.save_for_backward(torch.from_numpy(grad).view(raw.shape))
+        # Kept on ctx rather than saved: the backward hands it over, and autograd can then take
+        # it as the gradient without a copy.
+        ctx.grad = torch.from_numpy(grad).view(raw.shape) if need_grad else None
         ctx.mark_non_differentiable(per_image)
         return loss, per_image
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor, _grad_terms: torch.Tensor):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None, None, None
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("the compiled loss's backward runs once per forward (its gradient was already "
+                               "handed over); for retain_graph use spatial_embedding_loss(..., backend='torch')")
+        ctx.grad = None
+        if not bool(grad_loss == 1):  # scaled losses: virtual batches, gradient scalers
+            grad.mul_(grad_loss)
+        return grad, None, None, None, None, None, None, None
 
 
 def _compiled_loss(

@@ -6,7 +6,7 @@ Lovasz hinge), computed image by image in loops that touch each pixel a few time
 ≈40 full-size tensor operators (and their backward) of the torch formulation:
 
 1. one pass over the pixels: embeddings (from the offsets' ``tanh``, computed vectorised by the
-   caller), per-object pixel counts, sigma
+   caller, as the seed's sigmoid), per-object pixel counts, sigma
    sums and centre sums (the marked centre pixels, else the member mean);
 2. one pass: each foreground pixel's likelihood for its own object (the seed target and the
    exact-drop bound), the seed and variance terms and their gradients;
@@ -48,6 +48,8 @@ AVAILABLE = numba is not None and os.environ.get("EMBSEG_LOSS_BACKEND", "").lowe
 #: Up to this many objects in an image, the background pairs are found by testing every
 #: pixel against every object (sequential, in pixel order); above it through a grid of cells.
 _DENSE_MAX_OBJECTS = 16
+#: Pixels per block of the dense selection's box test.
+_BLOCK = 128
 #: Status codes written per image by the kernel.
 _OK, _BAD_LABEL = 0, 1
 
@@ -72,66 +74,124 @@ def _grow(a: np.ndarray, need: int) -> np.ndarray:
 
 
 @_jit()
-def _descending_order(errors: np.ndarray) -> np.ndarray:
-    """Permutation sorting ``errors`` (float64, ``>= 0``) in decreasing order.
-
-    Long rows: an LSD radix sort (11-bit digits) of the float32 roundings' bit patterns (those
-    of non-negative floats order as the values), then runs of equal roundings put in exact
-    order by insertion; short rows: a comparison sort.
-    """
-    m = errors.shape[0]
-    if m < 256:
-        return np.argsort(-errors)
-    keys = errors.astype(np.float32).view(np.uint32)
-    order = np.arange(m)
+def _sort_packed(values: np.ndarray) -> np.ndarray:
+    """``values`` (non-negative int64: a 31-bit key in bits 32-62, an index in bits 0-31)
+    sorted ascending by key, ties by index: an LSD radix sort of the key (8-bit digits for
+    short arrays, 11-bit for long ones; a digit shared by every key is skipped), insertion sort
+    below 64 elements."""
+    m = values.shape[0]
+    if m < 64:
+        out = values.copy()
+        for a in range(1, m):
+            v = out[a]
+            b = a - 1
+            while b >= 0 and out[b] > v:
+                out[b + 1] = out[b]
+                b -= 1
+            out[b + 1] = v
+        return out
+    width = 8 if m < 8192 else 11
+    mask = (1 << width) - 1
+    current = values.copy()
     spare = np.empty(m, np.int64)
-    count = np.empty(2049, np.int64)
-    for shift in (0, 11, 22):
+    count = np.empty(mask + 2, np.int64)
+    shift = 32
+    while shift < 63:
         count[:] = 0
         for i in range(m):
-            count[2047 - ((keys[i] >> shift) & 2047) + 1] += 1
-        if count.max() == m:  # every key has this digit: nothing to do
-            continue
-        for c in range(2048):
-            count[c + 1] += count[c]
-        for i in range(m):
-            j = order[i]
-            digit = 2047 - ((keys[j] >> shift) & 2047)
-            spare[count[digit]] = j
-            count[digit] += 1
-        order, spare = spare, order
-    # Exact order inside runs of equal float32 keys (short: roundings of nearly equal errors).
+            count[((current[i] >> shift) & mask) + 1] += 1
+        if count.max() < m:
+            for c in range(mask + 1):
+                count[c + 1] += count[c]
+            for i in range(m):
+                digit = (current[i] >> shift) & mask
+                spare[count[digit]] = current[i]
+                count[digit] += 1
+            current, spare = spare, current
+        shift += width
+    return current
+
+
+@_jit()
+def _descending_order(errors: np.ndarray) -> np.ndarray:
+    """Permutation sorting ``errors`` (float64 in ``[0, 2]``) in decreasing order.
+
+    Sorted by the float32 roundings (the bit patterns of non-negative floats order as the
+    values), then each run of equal roundings by the float64 bit patterns (which, for values
+    that close, differ by less than ``2 ** 31``).
+    """
+    m = errors.shape[0]
+    bits = errors.astype(np.float32).view(np.int32)
+    packed = np.empty(m, np.int64)
+    for i in range(m):
+        packed[i] = ((0x40000000 - np.int64(bits[i])) << 32) | i  # 2.0f - x: decreasing errors
+    packed = _sort_packed(packed)
+    order = np.empty(m, np.int64)
+    for i in range(m):
+        order[i] = packed[i] & 0xFFFFFFFF
+    exact = errors.view(np.int64)
     i = 0
     while i < m:
         run_end = i + 1
-        while run_end < m and keys[order[run_end]] == keys[order[i]]:
+        while run_end < m and (packed[run_end] >> 32) == (packed[i] >> 32):
             run_end += 1
-        if run_end - i > 16:  # e.g. members with phi ~ 0: errors just below 2
-            run = order[i:run_end].copy()
-            order[i:run_end] = run[np.argsort(-errors[run])]
-        else:
-            for a in range(i + 1, run_end):
-                j = order[a]
-                b = a - 1
-                while b >= i and errors[order[b]] < errors[j]:
-                    order[b + 1] = order[b]
-                    b -= 1
-                order[b + 1] = j
+        if run_end - i > 1:  # roundings of nearly equal errors (e.g. members with phi ~ 0)
+            top = exact[order[i]]
+            for a in range(i, run_end):
+                top = max(top, exact[order[a]])
+            run = np.empty(run_end - i, np.int64)
+            for a in range(i, run_end):
+                run[a - i] = ((top - exact[order[a]]) << 32) | (a - i)
+            run = _sort_packed(run)
+            first = order[i:run_end].copy()
+            for a in range(run_end - i):
+                order[i + a] = first[run[a] & 0xFFFFFFFF]
         i = run_end
     return order
 
 
 @_jit()
-def _select_dense(emb, labels, present, centre, s, limit):
+def _median(values: np.ndarray) -> float:
+    """Median of ``values`` (of at most 255 evenly spaced ones: a cell-size heuristic)."""
+    stride = (values.shape[0] + 254) // 255
+    sample = values[::stride].copy()
+    for a in range(1, sample.shape[0]):
+        v = sample[a]
+        b = a - 1
+        while b >= 0 and sample[b] > v:
+            sample[b + 1] = sample[b]
+            b -= 1
+        sample[b + 1] = v
+    return sample[sample.shape[0] // 2]
+
+
+@_jit()
+def _select_dense(emb, labels, present, centre, s, limit, half):
     """Background pairs ``(pixel, phi)`` with ``q < limit``, every pixel tested against every
-    present object; grouped by object (``start``), each group in pixel order."""
-    n, ndim = emb.shape
+    present object; grouped by object (``start``), each group in pixel order.
+
+    The pixels go in blocks of :data:`_BLOCK` consecutive ones; a block whose embedding box
+    misses the object's box (``|e_d - C_d| < half_d``, implied by ``q < limit``) is skipped,
+    the others are tested in vectorisable loops.
+    """
+    ndim, n = emb.shape
     n_present = present.shape[0]
+    n_blocks = (n + _BLOCK - 1) // _BLOCK
+    block_lo = np.empty((ndim, n_blocks))
+    block_hi = np.empty((ndim, n_blocks))
+    for d in range(ndim):
+        for b in range(n_blocks):
+            lo = np.inf
+            hi = -np.inf
+            for p in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
+                lo = min(lo, emb[d, p])
+                hi = max(hi, emb[d, p])
+            block_lo[d, b] = lo
+            block_hi[d, b] = hi
     start = np.zeros(n_present + 1, np.int64)
-    pixel = np.empty(max(n, 16), np.int64)
-    phi = np.empty(max(n, 16))
-    found = np.empty(n, np.int64)  # one object's hits (at most every pixel)
-    found_q = np.empty(n)
+    pixel = np.empty(max(n // 4, 16), np.int64)
+    phi = np.empty(max(n // 4, 16))
+    q = np.empty(_BLOCK)
     a = 0
     for i in range(n_present):
         k = present[i]
@@ -139,22 +199,32 @@ def _select_dense(emb, labels, present, centre, s, limit):
         c = centre[k]
         w = s[k]
         bound = limit[k]
-        hits = 0
-        for p in range(n):
-            q = 0.0
+        for b in range(n_blocks):
+            miss = False
             for d in range(ndim):
-                diff = emb[p, d] - c[d]
-                q += w[d] * diff * diff
-            if q < bound and labels[p] != k:
-                found[hits] = p
-                found_q[hits] = q
-                hits += 1
-        pixel = _grow(pixel, a + hits)
-        phi = _grow(phi, a + hits)
-        for j in range(hits):
-            pixel[a + j] = found[j]
-            phi[a + j] = math.exp(-found_q[j])
-        a += hits
+                if block_hi[d, b] < c[d] - half[k, d] or block_lo[d, b] > c[d] + half[k, d]:
+                    miss = True
+                    break
+            if miss:
+                continue
+            first = b * _BLOCK
+            size = min(n, first + _BLOCK) - first
+            q[:size] = 0.0
+            for d in range(ndim):
+                cd = c[d]
+                wd = w[d]
+                for j in range(size):
+                    diff = emb[d, first + j] - cd
+                    q[j] += wd * diff * diff
+            pixel = _grow(pixel, a + size)
+            phi = _grow(phi, a + size)
+            for j in range(size):
+                if q[j] < bound and labels[first + j] != k:
+                    pixel[a] = first + j
+                    phi[a] = q[j]  # the exponent for now
+                    a += 1
+        for j in range(start[i], a):
+            phi[j] = math.exp(-phi[j])
     start[n_present] = a
     return start, pixel, phi
 
@@ -164,7 +234,7 @@ def _select_grid(emb, labels, present, centre, s, limit, half, e_lo, e_hi):
     """:func:`_select_dense` through a grid of cells over embedding space: the pixels are
     counting-sorted by cell, and each object tests only the pixels of the cells its box
     (``|e_d - C_d| < half_d``, implied by ``q < limit``) touches; groups in cell order."""
-    n, ndim = emb.shape
+    ndim, n = emb.shape
     n_present = present.shape[0]
     # Cells a quarter of the median box wide, at most 2 n cells.
     cell = np.empty(ndim)
@@ -177,7 +247,7 @@ def _select_grid(emb, labels, present, centre, s, limit, half, e_lo, e_hi):
             if math.isfinite(half[present[i], d]):
                 widths[m] = half[present[i], d]
                 m += 1
-        c = np.median(widths[:m]) / 2.0 if m > 0 else span
+        c = _median(widths[:m]) / 2.0 if m > 0 else span
         cell[d] = max(c, span / 4096.0, 1e-12)
     total = 1.0
     for d in range(ndim):
@@ -198,7 +268,7 @@ def _select_grid(emb, labels, present, centre, s, limit, half, e_lo, e_hi):
     for p in range(n):
         flat = 0
         for d in range(ndim):
-            i = int((emb[p, d] - e_lo[d]) / cell[d])
+            i = int((emb[d, p] - e_lo[d]) / cell[d])
             flat += min(max(i, 0), n_cells[d] - 1) * strides[d]
         pixel_cell[p] = flat
         cell_start[flat + 1] += 1
@@ -216,7 +286,7 @@ def _select_grid(emb, labels, present, centre, s, limit, half, e_lo, e_hi):
         by_cell[j] = p
         label_by_cell[j] = labels[p]
         for d in range(ndim):
-            emb_by_cell[j, d] = emb[p, d]
+            emb_by_cell[j, d] = emb[d, p]
         cursor[c] += 1
 
     start = np.zeros(n_present + 1, np.int64)
@@ -273,6 +343,7 @@ def _select_grid(emb, labels, present, centre, s, limit, half, e_lo, e_hi):
 def _image_loss(
     raw: np.ndarray,  # (C, N) raw outputs of one image
     tanh_offsets: np.ndarray,  # (D, N) tanh of the raw offsets
+    seediness: np.ndarray,  # (N,) sigmoid of the raw seed
     labels: np.ndarray,  # (N,) int64 ids
     marks: np.ndarray,  # (N,) int64 centre ids
     shape: np.ndarray,  # (D,) int64
@@ -289,135 +360,27 @@ def _image_loss(
     grad: np.ndarray,  # (C, N) out
     terms: np.ndarray,  # (3,) out: instance, variance, seed
 ) -> int:
+    # Loops run axis by axis over all pixels, or object by object over its members, so that
+    # accumulators stay in registers (an accumulator indexed by label or axis inside a pixel
+    # loop is a store-to-load chain per pixel).
     ndim = shape.shape[0]
     n = labels.shape[0]
     slots = n_ids + 1
+    strides = np.ones(ndim, np.int64)
+    for d in range(ndim - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
 
-    # -- 1. embeddings and per-object sums ---------------------------------------------------
-    emb = np.empty((n, ndim))  # pixel-major: one pixel's embedding is one cache line
+    # -- 1. members grouped by object (counting sort by label, pixel order kept) ---------------
     counts = np.zeros(slots, np.int64)
-    sigma_sum = np.zeros((slots, ndim))
-    mark_sum = np.zeros((slots, ndim))
-    mark_count = np.zeros(slots, np.int64)
-    member_sum = np.zeros((slots, ndim))
-    e_lo = np.full(ndim, np.inf)
-    e_hi = np.full(ndim, -np.inf)
-    index = np.zeros(ndim, np.int64)
-    coord = np.zeros(ndim)
     for p in range(n):
         label = labels[p]
         if label < 0 or label > n_ids:
             return _BAD_LABEL
-        mark = marks[p]
-        if mark > n_ids or mark < 0:
-            mark = 0  # a centre id beyond the label range belongs to no object
-        for d in range(ndim):
-            coord[d] = index[d] * step[d]
-            e = tanh_offsets[d, p] + coord[d]
-            emb[p, d] = e
-            e_lo[d] = min(e_lo[d], e)
-            e_hi[d] = max(e_hi[d], e)
-        if label > 0:
-            counts[label] += 1
-            for d in range(ndim):
-                sigma_sum[label, d] += raw[ndim + d, p]
-                member_sum[label, d] += coord[d]
-        if mark > 0:
-            mark_count[mark] += 1
-            for d in range(ndim):
-                mark_sum[mark, d] += coord[d]
-        # Next multi-index (C order).
-        d = ndim - 1
-        index[d] += 1
-        while d > 0 and index[d] == shape[d]:
-            index[d] = 0
-            d -= 1
-            index[d] += 1
-
-    n_objects = 0
-    sigma_bar = np.zeros((slots, ndim))
-    s = np.zeros((slots, ndim))
-    centre = np.zeros((slots, ndim))
-    for k in range(1, slots):
-        if counts[k] == 0:
-            continue
-        n_objects += 1
-        for d in range(ndim):
-            sigma_bar[k, d] = sigma_sum[k, d] / counts[k]
-            s[k, d] = math.exp(10.0 * sigma_bar[k, d])
-            if mark_count[k] > 0:
-                centre[k, d] = mark_sum[k, d] / mark_count[k]
-            else:
-                centre[k, d] = member_sum[k, d] / counts[k]
-    per_object = 1.0 / max(n_objects, 1)
-
-    # -- 2. own likelihoods, seed and variance terms --------------------------------------------
-    own_phi = np.zeros(n)
-    best = np.zeros(slots)
-    var_sum = np.zeros(slots)
-    seed_sum = 0.0
-    seed_scale = w_seed * scale / n
-    var_scale = np.zeros(slots)
-    for k in range(1, slots):
-        if counts[k] > 0:
-            var_scale[k] = 2.0 * w_var * scale * per_object / (counts[k] * ndim)
-    for p in range(n):
-        label = labels[p]
-        seed = 1.0 / (1.0 + math.exp(-raw[2 * ndim, p]))
-        if label > 0:
-            q = 0.0
-            for d in range(ndim):
-                diff = emb[p, d] - centre[label, d]
-                q += s[label, d] * diff * diff
-            phi = math.exp(-q)
-            own_phi[p] = phi
-            best[label] = max(best[label], phi)
-            r = seed - phi
-            seed_sum += fg_weight * r * r
-            g_seed = 2.0 * fg_weight * r
-            sq = 0.0
-            for d in range(ndim):
-                dv = raw[ndim + d, p] - sigma_bar[label, d]
-                sq += dv * dv
-                if need_grad:
-                    grad[ndim + d, p] = var_scale[label] * dv
-            var_sum[label] += sq
-        else:
-            seed_sum += seed * seed
-            g_seed = 2.0 * seed
-            if need_grad:
-                for d in range(ndim):
-                    grad[ndim + d, p] = 0.0
-        if need_grad:
-            grad[2 * ndim, p] = seed_scale * g_seed * seed * (1.0 - seed)
-
-    # Background pixels with q >= limit have Lovasz weight 0 or phi below the cutoff.
-    limit = np.full(slots, -np.inf)
-    half = np.zeros((slots, ndim))
-    for k in range(1, slots):
-        if counts[k] == 0:
-            continue
-        keep = max((1.0 - best[k]) * (1.0 - 1e-3) - 4.0 * eps, max(phi_cutoff, 0.0))
-        limit[k] = -math.log(keep) + 1e-4 if keep > 0 else np.inf
-        for d in range(ndim):
-            half[k, d] = math.sqrt(limit[k] / s[k, d]) * (1.0 + 1e-5) if keep > 0 else np.inf
-
-    # -- 3. pairs: each object's members, and the background pixels with q < limit -------------
-    present = np.empty(n_objects, np.int64)
-    i = 0
-    for k in range(1, slots):
-        if counts[k] > 0:
-            present[i] = k
-            i += 1
-    if n_objects <= _DENSE_MAX_OBJECTS:
-        bg_start, bg_pixel, bg_phi = _select_dense(emb, labels, present, centre, s, limit)
-    else:
-        bg_start, bg_pixel, bg_phi = _select_grid(emb, labels, present, centre, s, limit, half, e_lo, e_hi)
-    # Members grouped by object, in pixel order (counting sort by label).
+        counts[label] += 1
     member_start = np.zeros(slots + 1, np.int64)
     for k in range(1, slots):
         member_start[k + 1] = member_start[k] + counts[k]
-    fill = member_start[:-1].copy()
+    fill = member_start.copy()
     members = np.empty(max(member_start[slots], 1), np.int64)
     for p in range(n):
         label = labels[p]
@@ -425,8 +388,133 @@ def _image_loss(
             members[fill[label]] = p
             fill[label] += 1
 
-    # -- 4. Lovasz hinge per object and its gradient ------------------------------------------
-    grad_emb = np.zeros((n, ndim))
+    # -- 2. embeddings e = x + tanh(offset), axis by axis ----------------------------------------
+    emb = np.empty((ndim, n))
+    e_lo = np.empty(ndim)
+    e_hi = np.empty(ndim)
+    for d in range(ndim):
+        lo = np.inf
+        hi = -np.inf
+        h = step[d]
+        inner = strides[d]
+        extent = shape[d]
+        p = 0
+        for _ in range(n // (extent * inner)):
+            for i in range(extent):
+                x = i * h
+                for _ in range(inner):
+                    e = tanh_offsets[d, p] + x
+                    emb[d, p] = e
+                    lo = min(lo, e)
+                    hi = max(hi, e)
+                    p += 1
+        e_lo[d] = lo
+        e_hi[d] = hi
+
+    # -- 3. per object: centre (marked pixels, else the member mean), sigma mean, bandwidth -----
+    mark_sum = np.zeros((slots, ndim))
+    mark_count = np.zeros(slots, np.int64)
+    for p in range(n):
+        mark = marks[p]
+        if mark > 0 and mark <= n_ids:  # a centre id beyond the label range belongs to no object
+            mark_count[mark] += 1
+            for d in range(ndim):
+                mark_sum[mark, d] += ((p // strides[d]) % shape[d]) * step[d]
+    n_objects = 0
+    for k in range(1, slots):
+        n_objects += counts[k] > 0
+    present = np.empty(n_objects, np.int64)
+    sigma_bar = np.zeros((slots, ndim))
+    s = np.zeros((slots, ndim))
+    centre = np.zeros((slots, ndim))
+    i = 0
+    for k in range(1, slots):
+        if counts[k] == 0:
+            continue
+        present[i] = k
+        i += 1
+        for d in range(ndim):
+            sigma = 0.0
+            coordinate = 0.0
+            for j in range(member_start[k], member_start[k + 1]):
+                p = members[j]
+                sigma += raw[ndim + d, p]
+                if mark_count[k] == 0:
+                    coordinate += ((p // strides[d]) % shape[d]) * step[d]
+            sigma_bar[k, d] = sigma / counts[k]
+            s[k, d] = math.exp(10.0 * sigma_bar[k, d])
+            if mark_count[k] > 0:
+                centre[k, d] = mark_sum[k, d] / mark_count[k]
+            else:
+                centre[k, d] = coordinate / counts[k]
+    per_object = 1.0 / max(n_objects, 1)
+
+    # -- 4. seed term: background form on every pixel, then the members' form ------------------
+    seed_scale = w_seed * scale / n
+    seed_sum = 0.0
+    for p in range(n):
+        seed = seediness[p]
+        if labels[p] == 0:
+            seed_sum += seed * seed
+        if need_grad:
+            grad[2 * ndim, p] = seed_scale * 2.0 * seed * seed * (1.0 - seed)
+    if need_grad:
+        for d in range(ndim):
+            for p in range(n):
+                grad[ndim + d, p] = 0.0
+    # Own likelihoods (seed targets; the best one bounds the background pairs), seed and
+    # variance terms of the members.
+    own_phi = np.empty(max(member_start[slots], 1))  # by member position
+    best = np.zeros(slots)
+    var_sum = np.zeros(slots)
+    for i in range(n_objects):
+        k = present[i]
+        c = centre[k]
+        w = s[k]
+        mean_sigma = sigma_bar[k]
+        var_scale = 2.0 * w_var * scale * per_object / (counts[k] * ndim)
+        top = 0.0
+        squares = 0.0
+        for j in range(member_start[k], member_start[k + 1]):
+            p = members[j]
+            q = 0.0
+            for d in range(ndim):
+                diff = emb[d, p] - c[d]
+                q += w[d] * diff * diff
+            phi = math.exp(-q)
+            own_phi[j] = phi
+            top = max(top, phi)
+            seed = seediness[p]
+            r = seed - phi
+            seed_sum += fg_weight * r * r
+            if need_grad:
+                grad[2 * ndim, p] = seed_scale * 2.0 * fg_weight * r * seed * (1.0 - seed)
+            for d in range(ndim):
+                dv = raw[ndim + d, p] - mean_sigma[d]
+                squares += dv * dv
+                if need_grad:
+                    grad[ndim + d, p] = var_scale * dv
+        best[k] = top
+        var_sum[k] = squares
+
+    # Background pixels with q >= limit have Lovasz weight 0 or phi below the cutoff.
+    limit = np.full(slots, -np.inf)
+    half = np.zeros((slots, ndim))
+    for i in range(n_objects):
+        k = present[i]
+        keep = max((1.0 - best[k]) * (1.0 - 1e-3) - 4.0 * eps, max(phi_cutoff, 0.0))
+        limit[k] = -math.log(keep) + 1e-4 if keep > 0 else np.inf
+        for d in range(ndim):
+            half[k, d] = math.sqrt(limit[k] / s[k, d]) * (1.0 + 1e-5) if keep > 0 else np.inf
+
+    # -- 5. pairs: each object's members, and the background pixels with q < limit -------------
+    if n_objects <= _DENSE_MAX_OBJECTS:
+        bg_start, bg_pixel, bg_phi = _select_dense(emb, labels, present, centre, s, limit, half)
+    else:
+        bg_start, bg_pixel, bg_phi = _select_grid(emb, labels, present, centre, s, limit, half, e_lo, e_hi)
+
+    # -- 6. Lovasz hinge per object and its gradient ------------------------------------------
+    grad_emb = np.zeros((ndim, n))
     grad_s = np.zeros((slots, ndim))
     inst_sum = 0.0
     hinge_scale = w_inst * scale * per_object
@@ -440,7 +528,7 @@ def _image_loss(
         errors = np.empty(m)
         for j in range(size):
             pixel[j] = members[member_start[k] + j]
-            phi[j] = own_phi[pixel[j]]
+            phi[j] = own_phi[member_start[k] + j]
             errors[j] = 2.0 - 2.0 * phi[j]
         for j in range(n_bg):
             pixel[size + j] = bg_pixel[bg_start[i] + j]
@@ -466,38 +554,40 @@ def _image_loss(
         if not need_grad:
             continue
         # d hinge / d q = -phi * weight * d error / d phi (relu'(0) = 0), in pair order.
-        for a in range(m):
-            if errors[a] > 0.0:
-                dq = phi[a] * weights[a] * (2.0 if a < size else -2.0) * hinge_scale
-                p = pixel[a]
-                for d in range(ndim):
-                    diff = emb[p, d] - centre[k, d]
-                    grad_emb[p, d] += 2.0 * dq * s[k, d] * diff
-                    grad_s[k, d] += dq * diff * diff
+        c = centre[k]
+        w = s[k]
+        for d in range(ndim):
+            acc = 0.0
+            for a in range(m):
+                if errors[a] > 0.0:
+                    dq = phi[a] * weights[a] * (2.0 if a < size else -2.0) * hinge_scale
+                    p = pixel[a]
+                    diff = emb[d, p] - c[d]
+                    grad_emb[d, p] += 2.0 * dq * w[d] * diff
+                    acc += dq * diff * diff
+            grad_s[k, d] = acc
 
     var_total = 0.0
-    for k in range(1, slots):
-        if counts[k] > 0:
-            var_total += var_sum[k] / (counts[k] * ndim)
+    for i in range(n_objects):
+        k = present[i]
+        var_total += var_sum[k] / (counts[k] * ndim)
     terms[0] = inst_sum * per_object
     terms[1] = var_total * per_object
     terms[2] = seed_sum / n
 
-    # -- 5. gradient of the raw outputs ---------------------------------------------------------
+    # -- 7. gradient of the raw outputs ---------------------------------------------------------
     if need_grad:
-        # d s / d sigma_bar = 10 s; d sigma_bar / d sigma = 1 / count on the object's pixels.
-        grad_sigma_bar = np.zeros((slots, ndim))
-        for k in range(1, slots):
-            if counts[k] > 0:
-                for d in range(ndim):
-                    grad_sigma_bar[k, d] = 10.0 * s[k, d] * grad_s[k, d] / counts[k]
-        for p in range(n):
-            label = labels[p]
-            for d in range(ndim):
+        for d in range(ndim):
+            for p in range(n):
                 t = tanh_offsets[d, p]
-                grad[d, p] = grad_emb[p, d] * (1.0 - t * t)
-                if label > 0:
-                    grad[ndim + d, p] += grad_sigma_bar[label, d]
+                grad[d, p] = grad_emb[d, p] * (1.0 - t * t)
+        # d s / d sigma_bar = 10 s; d sigma_bar / d sigma = 1 / count on the object's pixels.
+        for i in range(n_objects):
+            k = present[i]
+            for d in range(ndim):
+                g = 10.0 * s[k, d] * grad_s[k, d] / counts[k]
+                for j in range(member_start[k], member_start[k + 1]):
+                    grad[ndim + d, members[j]] += g
     return _OK
 
 
@@ -510,6 +600,7 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 def loss_and_gradient(
     raw: np.ndarray,
     tanh_offsets: np.ndarray,
+    seediness: np.ndarray,
     labels: np.ndarray,
     marks: np.ndarray,
     shape: tuple[int, ...],
@@ -529,9 +620,10 @@ def loss_and_gradient(
     ----------
     raw
         ``(B, 2D + 1, N)`` float32 or float64 raw outputs, C-contiguous (``N`` = pixels per crop).
-    tanh_offsets
-        ``(B, D, N)`` ``tanh`` of the offset channels, C-contiguous (computed by the caller with
-        a vectorised ``tanh``: a scalar one costs more than the rest of the first pass).
+    tanh_offsets, seediness
+        ``(B, D, N)`` ``tanh`` of the offset channels and ``(B, N)`` sigmoid of the seed channel,
+        C-contiguous (computed by the caller with vectorised functions: scalar ones cost more
+        than the passes that use them).
     labels, marks
         ``(B, N)`` int64 instance ids and centre-pixel ids (see
         :func:`embseg.loss.spatial_embedding_loss`).
@@ -571,7 +663,7 @@ def loss_and_gradient(
             1.0 / batch, bool(need_grad))
 
     def one(b: int) -> None:
-        status[b] = _image_loss(raw[b], tanh_offsets[b], labels[b], marks[b], shape_a, step_a, *args, grad[b], terms[b])
+        status[b] = _image_loss(raw[b], tanh_offsets[b], seediness[b], labels[b], marks[b], shape_a, step_a, *args, grad[b], terms[b])
 
     workers = min(batch, max(1, n_threads or 1))
     if workers > 1:  # the kernel releases the GIL: images run in parallel threads
