@@ -9,10 +9,12 @@
     .venv/bin/python benchmarks/ab_same_process.py onednn-3d       # 3D forward, torch's kernel choice vs oneDNN direct
     .venv/bin/python benchmarks/ab_same_process.py train-onednn-3d # the same for a training step's forward + backward
     .venv/bin/python benchmarks/ab_same_process.py cluster-scan    # every ball searched vs whole trees when mostly covered
+    .venv/bin/python benchmarks/ab_same_process.py loss-backend-3d # loss: torch operators vs the compiled kernel (also -2d)
 
 Uses the inputs built by ``run.py`` (``benchmarks/_work/inputs/full``). Each variant's output is
 checked equal to the other's (``onednn-3d``: to float rounding, other kernels; ``train-onednn-3d``: to
-1e-3 of the output's range, batch-norm batch statistics at random init amplify the rounding). Small changes drown in the machine's load swings between runs;
+1e-3 of the output's range, batch-norm batch statistics at random init amplify the rounding;
+``loss-backend-*``: to 1e-4, float32 against float64 arithmetic). Small changes drown in the machine's load swings between runs;
 alternating the variants within one process compares them under the same load.
 """
 

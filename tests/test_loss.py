@@ -577,3 +577,12 @@ def test_compiled_backward_runs_once_with_a_clear_error_after():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backend='torch'"):
         loss.backward()
+
+
+@needs_numba
+def test_warm_up_compiles_both_selection_paths():
+    thread = loss_kernel.warm_up_in_background()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    for function in (loss_kernel._image_loss, loss_kernel._select_dense, loss_kernel._select_grid):
+        assert function.signatures, function

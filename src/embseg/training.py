@@ -445,7 +445,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from embseg import ddp
+    from embseg import ddp, loss_kernel
     from embseg.data import TrainingCrops
     from embseg.loss import spatial_embedding_loss
 
@@ -461,6 +461,8 @@ def train(
     torch.manual_seed(config.seed)
     device = dist.device if dist is not None else select_device(config.device)
     use_amp = bool(config.amp and device.type == "cuda")
+    if device.type == "cpu":  # the compiled loss: compiled (first run) or loaded while data loads
+        loss_kernel.warm_up_in_background()
 
     if data is None:
         data = load_training_data(config)
