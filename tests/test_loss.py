@@ -580,9 +580,33 @@ def test_compiled_backward_runs_once_with_a_clear_error_after():
 
 
 @needs_numba
-def test_warm_up_compiles_both_selection_paths():
+def test_warm_up_in_background_compiles_the_kernel():
     thread = loss_kernel.warm_up_in_background()
     thread.join(timeout=120)
     assert not thread.is_alive()
-    for function in (loss_kernel._image_loss, loss_kernel._select_dense, loss_kernel._select_grid):
-        assert function.signatures, function
+    # The kernel and, compiled with it, everything it calls (both selection paths).
+    assert any(str(sig[0]).startswith("array(float32") for sig in loss_kernel._image_loss.signatures)
+
+
+@needs_numba
+def test_compiled_many_objects_without_cutoff_match_reference_float64():
+    """The grid search with unbounded boxes (phi_cutoff 0: every background pixel can count)."""
+    instances, centers, step, rng, shape = many_objects_batch(2, 20, seed=18)
+    raw = make_raw(rng, 2, 2, shape, torch.float64, offset_scale=0.02, sigma_mean=0.6)
+    assert_matches_reference(raw, instances, centers, step, 10.0, rtol=1e-8, atol=1e-10, phi_cutoff=0.0,
+                             backend="compiled")
+
+
+@needs_numba
+@pytest.mark.parametrize("channel", [0, 2, 4])  # an offset, a sigma, the seed
+def test_compiled_non_finite_outputs_give_the_torch_result(channel):
+    instances, centers, step, rng, shape = synthetic_batch(2, seed=19)
+    raw = make_raw(rng, 3, 2, shape, torch.float32, offset_scale=0.05, sigma_mean=0.3)
+    member = tuple(int(i) for i in torch.nonzero(instances[0])[0])
+    for where in ((5, 5), member):  # (5, 5) is background
+        for value in (float("nan"), float("inf"), 200.0):  # 200: large but finite, the kernel runs
+            bad = raw.clone()
+            bad[0, channel, where[0], where[1]] = value
+            compiled, _ = spatial_embedding_loss(bad, instances, centers, step, 10.0, backend="compiled")
+            reference, _ = spatial_embedding_loss(bad, instances, centers, step, 10.0, backend="torch")
+            torch.testing.assert_close(compiled, reference, equal_nan=True, rtol=1e-5, atol=1e-6)

@@ -393,9 +393,10 @@ def spatial_embedding_loss(
         (see :data:`DEFAULT_PHI_CUTOFF`); 0 keeps every pixel (the literal definition).
     backend
         ``'compiled'``: the numba kernel of :mod:`embseg.loss_kernel` (CPU tensors only; value
-        and gradient in one pass, arithmetic in float64). ``'torch'``: tensor operators (any
-        device). ``'auto'`` (default): compiled for CPU tensors when numba is available and the
-        call is not traced or compiled, else torch.
+        and gradient in one pass, arithmetic in float64; non-finite offsets or sigmas are left
+        to the torch formulation, whose loss is then non-finite). ``'torch'``: tensor operators
+        (any device). ``'auto'`` (default): compiled for CPU tensors when numba is available and
+        the call is not traced or compiled, else torch.
 
     Returns
     -------
@@ -432,8 +433,10 @@ def spatial_embedding_loss(
     if raw.dtype in (torch.float16, torch.bfloat16):
         raw = raw.float()  # exp(10 * sigma) and the Lovasz weights need float32
     if _use_compiled(raw, backend):
-        return _compiled_loss(raw, instances, centers, step, fg_weight, w_inst, w_var, w_seed, max_label,
-                              phi_cutoff)
+        compiled = _compiled_loss(raw, instances, centers, step, fg_weight, w_inst, w_var, w_seed, max_label,
+                                  phi_cutoff)
+        if compiled is not None:
+            return compiled
     objects = _objects(raw, instances, centers, step, max_label)
     ndim = len(step)
     batch = raw.shape[0]
@@ -501,45 +504,26 @@ def _use_compiled(raw: torch.Tensor, backend: str) -> bool:
     return applies and loss_kernel.AVAILABLE
 
 
-class _CompiledLoss(torch.autograd.Function):
-    """The batch loss from :func:`embseg.loss_kernel.loss_and_gradient`; its gradient, computed
-    in the forward pass, is kept and scaled by the upstream gradient in the backward (which can
-    run once per forward)."""
+class _KnownGradient(torch.autograd.Function):
+    """The batch loss from per-image terms computed outside autograd, attached to ``raw`` with
+    its gradient computed along with them; the backward scales that gradient by the upstream
+    one (and can run once per forward: it hands the gradient over, which autograd can then take
+    without a copy)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         raw: torch.Tensor,
-        labels: torch.Tensor,
-        marks: torch.Tensor,
-        shape: tuple[int, ...],
-        step: tuple[float, ...],
-        n_ids: int,
-        weights: tuple[float, float, float, float],
-        phi_cutoff: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        fg_weight, w_inst, w_var, w_seed = weights
-        batch, channels = raw.shape[:2]
-        flat = raw.detach().contiguous().view(batch, channels, -1)
-        ndim = len(shape)
-        tanh_offsets = torch.tanh(flat[:, :ndim])
-        seediness = torch.sigmoid(flat[:, 2 * ndim])
-        need_grad = ctx.needs_input_grad[0]
-        terms, grad = loss_kernel.loss_and_gradient(
-            flat.numpy(), tanh_offsets.numpy(), seediness.numpy(), labels.numpy(), marks.numpy(), shape, step, n_ids, fg_weight, w_inst, w_var, w_seed,
-            phi_cutoff, need_grad=need_grad, n_threads=torch.get_num_threads(),
-        )
-        per_image = torch.from_numpy(terms).to(raw.dtype)
-        loss = (per_image @ torch.tensor([w_inst, w_var, w_seed], dtype=raw.dtype)).mean()
-        # Kept on ctx rather than saved: the backward hands it over, and autograd can then take
-        # it as the gradient without a copy.
-        ctx.grad = torch.from_numpy(grad).view(raw.shape) if need_grad else None
-        ctx.mark_non_differentiable(per_image)
-        return loss, per_image
+        per_image: torch.Tensor,
+        weights: torch.Tensor,
+        grad: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.grad = grad
+        return (per_image @ weights).mean()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor, _grad_terms: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor):  # type: ignore[override]
         grad = ctx.grad
         if grad is None:
             raise RuntimeError("the compiled loss's backward runs once per forward (its gradient was already "
@@ -547,7 +531,7 @@ class _CompiledLoss(torch.autograd.Function):
         ctx.grad = None
         if not bool(grad_loss == 1):  # scaled losses: virtual batches, gradient scalers
             grad.mul_(grad_loss)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None
 
 
 def _compiled_loss(
@@ -561,7 +545,9 @@ def _compiled_loss(
     w_seed: float,
     max_label: int | None,
     phi_cutoff: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """The loss by :func:`embseg.loss_kernel.loss_and_gradient`; None when ``raw`` has
+    non-finite offsets or sigmas (the torch formulation then gives its non-finite loss)."""
     ndim = len(step)
     if raw.dim() != ndim + 2 or raw.shape[1] != 2 * ndim + 1:
         raise ValueError(f"raw must be (B, {2 * ndim + 1}, *S) with {ndim} spatial axes, got {tuple(raw.shape)}")
@@ -574,9 +560,23 @@ def _compiled_loss(
     steps = tuple(float(h) for h in (step.tolist() if isinstance(step, torch.Tensor) else step))
     labels = instances.reshape(batch, -1).to(torch.int64).contiguous()
     marks = centers.reshape(batch, -1).to(torch.int64).contiguous()
-    loss, per_image = _CompiledLoss.apply(raw, labels, marks, spatial, steps, n_ids,
-                                          (float(fg_weight), float(w_inst), float(w_var), float(w_seed)),
-                                          float(phi_cutoff))
+    flat = raw.detach().contiguous().view(batch, raw.shape[1], -1)
+    tanh_offsets = torch.tanh(flat[:, :ndim])  # vectorised here: the kernel's scalar ones cost more
+    seediness = torch.sigmoid(flat[:, 2 * ndim])
+    need_grad = raw.requires_grad and torch.is_grad_enabled()
+    result = loss_kernel.loss_and_gradient(
+        flat.numpy(), tanh_offsets.numpy(), seediness.numpy(), labels.numpy(), marks.numpy(), spatial, steps, n_ids,
+        fg_weight, w_inst, w_var, w_seed, phi_cutoff, need_grad=need_grad, n_threads=torch.get_num_threads(),
+    )
+    if result is None:
+        return None
+    terms, grad = result
+    per_image = torch.from_numpy(terms).to(raw.dtype)
+    weights = torch.tensor([w_inst, w_var, w_seed], dtype=raw.dtype)
+    if need_grad:
+        loss = _KnownGradient.apply(raw, per_image, weights, torch.from_numpy(grad).view(raw.shape))
+    else:
+        loss = (per_image @ weights).mean()
     means = per_image.mean(0)
     return loss, {"instance": means[0], "variance": means[1], "seed": means[2]}
 

@@ -52,7 +52,7 @@ _DENSE_MAX_OBJECTS = 16
 #: Pixels per block of the dense selection's box test.
 _BLOCK = 128
 #: Status codes written per image by the kernel.
-_OK, _BAD_LABEL = 0, 1
+_OK, _BAD_LABEL, _NON_FINITE = 0, 1, 2
 
 
 def _jit(**options):
@@ -405,6 +405,8 @@ def _image_loss(
                 x = i * h
                 for _ in range(inner):
                     e = tanh_offsets[d, p] + x
+                    if not math.isfinite(e):
+                        return _NON_FINITE
                     emb[d, p] = e
                     lo = min(lo, e)
                     hi = max(hi, e)
@@ -444,6 +446,8 @@ def _image_loss(
                     coordinate += ((p // strides[d]) % shape[d]) * step[d]
             sigma_bar[k, d] = sigma / counts[k]
             s[k, d] = math.exp(10.0 * sigma_bar[k, d])
+            if not math.isfinite(s[k, d]):
+                return _NON_FINITE
             if mark_count[k] > 0:
                 centre[k, d] = mark_sum[k, d] / mark_count[k]
             else:
@@ -605,7 +609,7 @@ def warm_up(dtype: type = np.float32) -> None:
 
     The first compilation takes ≈10-20 s on a CPU like this project's (once per install: numba
     caches it next to this module, or in its user cache); loading the cache ≈0.5 s. Runs a tiny
-    batch through both selection paths (a few objects and many).
+    batch (an image with a few objects, one with many: both selection paths).
     """
     shape = (6, 48)
     labels = np.zeros((2, 6 * 48), np.int64)
@@ -645,7 +649,7 @@ def loss_and_gradient(
     phi_cutoff: float,
     need_grad: bool = True,
     n_threads: int | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Per-image loss terms and the gradient of the batch loss with respect to ``raw``.
 
     Parameters
@@ -672,11 +676,12 @@ def loss_and_gradient(
 
     Returns
     -------
-    terms
-        ``(B, 3)`` float64 per-image instance, variance and seed terms (unweighted).
-    grad
-        ``(B, 2D + 1, N)`` gradient of ``mean_b(w_inst * inst_b + w_var * var_b + w_seed * seed_b)``
-        in ``raw``'s dtype, or None when ``need_grad`` is False.
+    tuple or None
+        ``terms``: ``(B, 3)`` float64 per-image instance, variance and seed terms (unweighted);
+        ``grad``: ``(B, 2D + 1, N)`` gradient of ``mean_b(w_inst * inst_b + w_var * var_b +
+        w_seed * seed_b)`` in ``raw``'s dtype, or None when ``need_grad`` is False. None instead
+        of the pair when an embedding or an object's bandwidth is not finite (NaN or overflowing
+        outputs: the grid and box arithmetic needs finite values).
 
     Raises
     ------
@@ -706,4 +711,6 @@ def loss_and_gradient(
     bad = np.flatnonzero(status == _BAD_LABEL)
     if bad.size:
         raise ValueError(f"instance ids of image {int(bad[0])} are negative or above max_label={n_ids}")
+    if np.any(status == _NON_FINITE):
+        return None
     return terms, (grad if need_grad else None)
