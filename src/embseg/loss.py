@@ -12,7 +12,10 @@ and ``seed = [sum_bg seed**2 + fg_weight * sum_k sum_{M_k} (seed - phi_k.detach(
 ``loss_b = w_inst * mean_k inst_k + w_var * mean_k var_k + w_seed * seed`` (object terms 0 when
 the image has no object).
 
-How it is computed, without a Python loop over images or objects:
+Two formulations: on CPU tensors a compiled kernel (:mod:`embseg.loss_kernel`: loops over
+pixels and objects, value and gradient in one pass, float64 arithmetic); elsewhere (CUDA,
+``backend='torch'``) tensor operators. Both are tested against a literal per-object loop. The
+tensor formulation, without a Python loop over images or objects:
 
 * Per-object sums (pixel counts, sigma sums, centre coordinates, variances) are scatter-adds over
   the flattened label image (one slot per id; ids absent from an image give empty slots that are

@@ -5,22 +5,26 @@ definition and for why background pixels below a likelihood bound can be left ou
 Lovasz hinge), computed image by image in loops that touch each pixel a few times instead of the
 ≈40 full-size tensor operators (and their backward) of the torch formulation:
 
-1. one pass over the pixels: embeddings (from the offsets' ``tanh``, computed vectorised by the
-   caller, as the seed's sigmoid), per-object pixel counts, sigma
-   sums and centre sums (the marked centre pixels, else the member mean);
-2. one pass: each foreground pixel's likelihood for its own object (the seed target and the
-   exact-drop bound), the seed and variance terms and their gradients;
-3. the pairs of the Lovasz hinge: every object's own pixels, and the background pixels with
-   ``q < limit`` found through a grid of cells over embedding space (a counting sort of the
-   pixels by cell; each object tests only the pixels of the cells its box touches);
-4. per object, one sort of its pairs by decreasing hinge error, the closed-form Lovasz weights,
+1. the members grouped by object (a counting sort by label, which also checks the ids);
+2. embeddings ``x + tanh(offset)``, axis by axis (``tanh`` and the seed's sigmoid come vectorised
+   from the caller: scalar ones cost more than the passes that use them);
+3. per object, over its members: the sigma mean, the bandwidth and the centre (the marked
+   centre pixels, else the member mean), then each member's likelihood for its own object (the
+   seed target and the exact-drop bound), the seed and variance terms and their gradients;
+4. the pairs of the Lovasz hinge: every object's own pixels, and the background pixels with
+   ``q < limit``: up to :data:`_DENSE_MAX_OBJECTS` objects, each object tests every block of
+   :data:`_BLOCK` pixels whose embedding box meets its own; above, a grid of cells over
+   embedding space (a counting sort of the pixels by cell; each object tests only the pixels
+   of the cells its box touches);
+5. per object, one sort of its pairs by decreasing hinge error, the closed-form Lovasz weights,
    the hinge and its gradient with respect to the embeddings and the bandwidth;
-5. one pass writing the gradient of the raw outputs (the chain rule through ``tanh``, the
-   bandwidth ``exp(10 * sigma_bar)`` and the sigma means).
+6. the gradient of the raw outputs (the chain rule through ``tanh``, the bandwidth
+   ``exp(10 * sigma_bar)`` and the sigma means).
 
-Arithmetic is in float64 whatever the input's dtype (the gradient is written in the input's
-dtype). Images run in parallel threads (the kernel releases the GIL). The gradient is computed in the forward
-pass and kept for the backward (one array the size of the raw outputs).
+Loops run axis by axis over the pixels or object by object over its members, so that their
+accumulators stay in registers. Arithmetic is in float64 whatever the input's dtype (the
+gradient is written in the input's dtype), so the loss equals the float64 definition to
+rounding. Images run in parallel threads (the kernel releases the GIL).
 """
 
 from __future__ import annotations
