@@ -10,11 +10,13 @@
     .venv/bin/python benchmarks/ab_same_process.py train-onednn-3d # the same for a training step's forward + backward
     .venv/bin/python benchmarks/ab_same_process.py cluster-scan    # every ball searched vs whole trees when mostly covered
     .venv/bin/python benchmarks/ab_same_process.py loss-backend-3d # loss: torch operators vs the compiled kernel (also -2d)
+    .venv/bin/python benchmarks/ab_same_process.py predict-bf16-3d # trained-model prediction, float32 vs amp=True (also -2d)
 
 Uses the inputs built by ``run.py`` (``benchmarks/_work/inputs/full``). Each variant's output is
 checked equal to the other's (``onednn-3d``: to float rounding, other kernels; ``train-onednn-3d``: to
 1e-3 of the output's range, batch-norm batch statistics at random init amplify the rounding;
-``loss-backend-*``: to 1e-4, float32 against float64 arithmetic). Small changes drown in the machine's load swings between runs;
+``loss-backend-*``: to 1e-4, float32 against float64 arithmetic; ``predict-bf16-*``: labels matched
+at IoU 0.5 with F1 >= 0.99, bfloat16 is not float32). Small changes drown in the machine's load swings between runs;
 alternating the variants within one process compares them under the same load.
 """
 
@@ -202,6 +204,21 @@ def _loss_backend_variants(ndim: str):
                  "compiled kernel": lambda: setattr(module, "AVAILABLE", True)}, time.perf_counter
 
 
+def _predict_bf16_variants(ndim: str):
+    """End-to-end prediction with the trained model (the predict_*_trained inputs) in float32
+    and with `amp=True` (bfloat16 autocast, on a CPU with native bf16)."""
+    from embseg import predict as module
+
+    folder = HERE / "_work" / "inputs" / "full" / f"predict_{ndim}_trained"
+    meta = json.loads((folder / "meta.json").read_text())
+    run, _ = worker.bench_predict("ours", folder, meta, False)
+    original = module._autocast
+    print(f"native bfloat16 on this CPU: {module.cpu_bf16_supported()}")
+    return run, {"float32": lambda: setattr(module, "_autocast", original),
+                 "bfloat16 (amp=True)": lambda: setattr(module, "_autocast", lambda device, amp: original(device, True))
+                 }, time.perf_counter
+
+
 def _variants(name: str, shape: tuple[int, ...], wider: float):
     if name == "onednn-3d":
         return _onednn_variants(shape)
@@ -209,6 +226,8 @@ def _variants(name: str, shape: tuple[int, ...], wider: float):
         return _train_onednn_variants(shape)
     if name == "cluster-scan":
         return _cluster_scan_variants(wider)
+    if name.startswith("predict-bf16"):
+        return _predict_bf16_variants(name.removeprefix("predict-bf16-"))
     if name.startswith("loss-backend"):
         return _loss_backend_variants(name.removeprefix("loss-backend-"))
     if name.startswith("predict"):
@@ -234,7 +253,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=("cluster-trees", "medoid-groups", "predict-2d", "predict-3d", "train-relu-2d",
                                          "train-relu-3d", "onednn-3d", "train-onednn-3d", "cluster-scan", "loss-backend-2d",
-                                         "loss-backend-3d"))
+                                         "loss-backend-3d", "predict-bf16-2d", "predict-bf16-3d"))
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--shape", default="32,96,96", help="onednn-3d: the volume (Z,Y,X)")
     parser.add_argument("--wider", type=float, default=0.0,
@@ -254,6 +273,13 @@ def main() -> None:
             times[name].append(clock() - start)
     if args.what == "onednn-3d":
         same = all(np.allclose(outputs[names[0]], outputs[n], rtol=1e-4, atol=1e-5) for n in names[1:])
+    elif args.what.startswith("predict-bf16"):  # not equal: the labels of bfloat16 against float32's
+        from embseg.metrics import matching
+
+        m = matching(outputs[names[0]], outputs[names[1]], thresh=0.5)
+        print(f"bfloat16 vs float32 labels: F1 {m.f1:.4f} at IoU 0.5, mean matched IoU {m.mean_matched_score:.4f}, "
+              f"{m.n_true} / {m.n_pred} objects")
+        same = m.f1 >= 0.99
     elif args.what.startswith("loss-backend"):  # float32 (torch) against float64 arithmetic (kernel)
         same = all(np.isclose(outputs[names[0]], outputs[n], rtol=1e-4) for n in names[1:])
     elif args.what == "train-onednn-3d":  # batch statistics at random init amplify rounding

@@ -599,3 +599,20 @@ def test_real_process_unknown_command(tmp_path):
 def test_debug_reraises_in_process(models, tmp_path):
     with pytest.raises(UserError, match=r"nope\.tif"):
         main(["--debug", "predict", str(tmp_path / "nope.tif"), "-m", str(models["2d"]), "-o", str(tmp_path)])
+
+
+def test_predict_amp_flag_reaches_the_model(capsys, models, image, tmp_path, monkeypatch):
+    """`--amp` / `--no-amp` / neither give Model.predict amp=True / False / None, and run."""
+    seen = []
+    original = Model.predict
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("amp"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Model, "predict", spy)
+    for flag, out in ((("--amp",), "a"), (("--no-amp",), "b"), ((), "c")):
+        code, _, err = predict(capsys, models["2d"], image, output=tmp_path / out, extra=flag)
+        assert code == 0, err
+        assert (tmp_path / out / "good.tif").is_file()
+    assert seen == [True, False, None]

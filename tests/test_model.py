@@ -154,3 +154,26 @@ def test_model_clustering_bars_seeds_wider_than_half_the_training_crop():
     assert same_partition(np.where(truth > 0, labels, 0), truth)
     model.config.max_seed_radius = []  # the method's rule without the limit
     assert model.cluster(raw).max() == 1
+
+
+def test_cpu_bfloat16_prediction_matches_float32(monkeypatch, tmp_path):
+    """``amp=True`` on the CPU: bfloat16 where supported (forced here, so that every CPU runs the
+    path; oneDNN emulates bf16 where it is not native), labels nearly those of float32; on a CPU
+    without native bf16 the same call stays float32, identical to ``amp=False``."""
+    from embseg import predict as predict_module
+    from embseg.metrics import matching
+    from embseg.samples import sample
+
+    model = load_model("nuclei-2d")
+    image = sample("dsb-dense").image[:256, :256]
+    reference = model.predict(image, device="cpu")
+    assert isinstance(predict_module.cpu_bf16_supported(), bool)
+    monkeypatch.setattr(predict_module, "cpu_bf16_supported", lambda: False)
+    assert np.array_equal(model.predict(image, device="cpu", amp=True), reference)
+    monkeypatch.setattr(predict_module, "cpu_bf16_supported", lambda: True)
+    raw = model.predict_raw(image, device="cpu", amp=True)
+    assert raw.dtype == torch.float32
+    labels = model.predict(image, device="cpu", amp=True)
+    assert not torch.equal(raw, model.predict_raw(image, device="cpu"))  # it did run in bfloat16
+    m = matching(reference, labels, thresh=0.5)
+    assert m.n_true >= 10 and m.f1 >= 0.95, m

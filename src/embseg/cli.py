@@ -226,7 +226,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         image, axes = read_image(path, axes=args.axes, ndim=model.ndim)
         result = model.predict(image, axes=axes, tta=args.tta, tile_shape=tile, seed_thresh=args.seed_thresh,
                                fg_thresh=args.fg_thresh, min_size=args.min_size, device=args.device,
-                               return_seeds=args.save_seeds, source=str(path), clustering=args.clustering)
+                               return_seeds=args.save_seeds, source=str(path), clustering=args.clustering,
+                               amp=args.amp)
         labels, seeds = result if args.save_seeds else (result, None)
         write_labels(target, labels, overwrite=True)
         if seeds is not None:
@@ -405,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fg-thresh", type=float, help="foreground threshold (default: the model's)")
     p.add_argument("--min-size", type=int, help="minimum object size in pixels (default: the model's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (default: on for CUDA, float16; off on the CPU). --amp on a CPU "
+                        "with native bfloat16 (AMX / AVX512-BF16) runs the network in bfloat16, about 1.6x "
+                        "faster there, labels slightly different from float32's; other CPUs stay float32 "
+                        "(image files; zarr inputs run in float32 on the CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--resume", action="store_true", help="skip inputs whose output already exists")
     p.add_argument("--save-seeds", action="store_true", help="also write the seed map (<name>_seeds.tif)")

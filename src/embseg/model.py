@@ -159,6 +159,7 @@ class Model:
         device: str | None = "auto",
         normalized: bool = False,
         source: str = "image",
+        amp: bool | None = None,
     ) -> torch.Tensor:
         """Raw network outputs ``(2*ndim + 1, *spatial)`` for one image (tiled, optional TTA).
 
@@ -174,7 +175,7 @@ class Model:
             tiles = self.auto_tile_shape(tuple(data.shape[1:]))
         return predict_raw(
             self.net, data, self.ndim, tile_shape=tiles, halo=self.halo() if tiles is not None else None,
-            tta=tta, device=dev, amp=dev.type == "cuda",
+            tta=tta, device=dev, amp=_use_amp(amp, dev),
         )
 
     def predict(
@@ -190,6 +191,7 @@ class Model:
         return_seeds: bool = False,
         source: str = "image",
         clustering: str = "blocks",
+        amp: bool | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Segment one image.
 
@@ -223,6 +225,11 @@ class Model:
             (:func:`embseg.predict.predict_labels_streamed`): exactly the labels of
             clustering the whole image's raw outputs, with memory growing with the
             foreground.
+        amp
+            Mixed precision. None (default): float16 on CUDA, float32 on the CPU. True on the
+            CPU: bfloat16 where it computes it natively (AMX or AVX512-BF16,
+            :func:`embseg.predict.cpu_bf16_supported`; ≈1.6× faster on such a Xeon, labels of
+            IoU ≈0.99 with float32's), float32 elsewhere. False: float32.
 
         Returns
         -------
@@ -244,7 +251,7 @@ class Model:
         if tiles is None:
             tiles = self.auto_tile_shape(tuple(data.shape[1:]))
         if tiles is None:  # one pass: raw outputs of the whole image, then the clustering
-            raw = self.predict_raw(data, tta=tta, device=device, normalized=True)
+            raw = self.predict_raw(data, tta=tta, device=device, normalized=True, amp=amp)
             labels = self.cluster(raw, seed_thresh=seed_thresh, fg_thresh=fg_thresh, min_size=min_size, tta=tta)
             return (labels, seed_map(raw)) if return_seeds else labels
         # Tiled (a large image): never the raw outputs of the whole image in memory.
@@ -256,7 +263,7 @@ class Model:
             seed_thresh=default_seed if seed_thresh is None else seed_thresh,
             fg_thresh=default_fg if fg_thresh is None else fg_thresh,
             min_size=cfg.min_size if min_size is None else min_size,
-            tta=tta, device=dev, amp=dev.type == "cuda", return_seeds=return_seeds,
+            tta=tta, device=dev, amp=_use_amp(amp, dev), return_seeds=return_seeds,
             max_radius=cfg.seed_radius(),
         )
         if clustering == "blocks":
@@ -318,6 +325,11 @@ class Model:
         with atomic_write(folder / CONFIG_FILE, overwrite=overwrite) as tmp:
             Path(tmp).write_text(cfg.to_json())
         return folder
+
+
+def _use_amp(amp: bool | None, device: torch.device) -> bool:
+    """``amp=None``: mixed precision on CUDA only (float32 on the CPU, the results of record)."""
+    return device.type == "cuda" if amp is None else bool(amp)
 
 
 def check_thresholds(seed_thresh: float | None, fg_thresh: float | None, min_size: int | None) -> None:

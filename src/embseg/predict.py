@@ -125,9 +125,23 @@ def tta_transforms(ndim: int) -> list[TTATransform]:
     return [TTATransform(ndim, k, f) for f in flips for k in range(4)]
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether oneDNN computes bfloat16 on this CPU with native instructions (AMX or
+    AVX512-BF16, e.g. Intel Xeon since Sapphire Rapids; not AMD Zen 3)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """Mixed precision for ``amp``: float16 on CUDA; bfloat16 on a CPU that computes it
+    natively (:func:`cpu_bf16_supported`), float32 on other CPUs."""
     if amp and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.float16)
+    if amp and device.type == "cpu" and cpu_bf16_supported():
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
