@@ -79,6 +79,19 @@ def _grow(a: np.ndarray, need: int) -> np.ndarray:
 
 
 @_jit()
+def _insertion_sort(values: np.ndarray) -> np.ndarray:
+    """``values`` sorted ascending in place (for short arrays); returns them."""
+    for a in range(1, values.shape[0]):
+        v = values[a]
+        b = a - 1
+        while b >= 0 and values[b] > v:
+            values[b + 1] = values[b]
+            b -= 1
+        values[b + 1] = v
+    return values
+
+
+@_jit()
 def _sort_packed(values: np.ndarray) -> np.ndarray:
     """``values`` (non-negative int64: a 31-bit key in bits 32-62, an index in bits 0-31)
     sorted ascending by key, ties by index: an LSD radix sort of the key (8-bit digits for
@@ -86,15 +99,7 @@ def _sort_packed(values: np.ndarray) -> np.ndarray:
     below 64 elements."""
     m = values.shape[0]
     if m < 64:
-        out = values.copy()
-        for a in range(1, m):
-            v = out[a]
-            b = a - 1
-            while b >= 0 and out[b] > v:
-                out[b + 1] = out[b]
-                b -= 1
-            out[b + 1] = v
-        return out
+        return _insertion_sort(values.copy())
     width = 8 if m < 8192 else 11
     mask = (1 << width) - 1
     current = values.copy()
@@ -159,14 +164,7 @@ def _descending_order(errors: np.ndarray) -> np.ndarray:
 def _median(values: np.ndarray) -> float:
     """Median of ``values`` (of at most 255 evenly spaced ones: a cell-size heuristic)."""
     stride = (values.shape[0] + 254) // 255
-    sample = values[::stride].copy()
-    for a in range(1, sample.shape[0]):
-        v = sample[a]
-        b = a - 1
-        while b >= 0 and sample[b] > v:
-            sample[b + 1] = sample[b]
-            b -= 1
-        sample[b + 1] = v
+    sample = _insertion_sort(values[::stride].copy())
     return sample[sample.shape[0] // 2]
 
 
