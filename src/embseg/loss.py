@@ -91,6 +91,20 @@ def _resolve_max_label(instances: torch.Tensor, max_label: int | None) -> int:
     return int(instances.max()) if instances.numel() else 0
 
 
+def _check_shapes(
+    raw: torch.Tensor, instances: torch.Tensor, centers: torch.Tensor, ndim: int
+) -> tuple[int, tuple[int, ...]]:
+    """Batch size and crop shape, after checking ``raw (B, 2D + 1, *S)`` against the label images."""
+    if raw.dim() != ndim + 2 or raw.shape[1] != 2 * ndim + 1:
+        raise ValueError(f"raw must be (B, {2 * ndim + 1}, *S) with {ndim} spatial axes, got {tuple(raw.shape)}")
+    batch, spatial = raw.shape[0], tuple(raw.shape[2:])
+    if tuple(instances.shape) != (batch, *spatial) or tuple(centers.shape) != (batch, *spatial):
+        raise ValueError(
+            f"instances {tuple(instances.shape)} and centers {tuple(centers.shape)} must be {(batch, *spatial)}"
+        )
+    return batch, spatial
+
+
 def _objects(
     raw: torch.Tensor,
     instances: torch.Tensor,
@@ -99,13 +113,7 @@ def _objects(
     max_label: int | None,
 ) -> _Objects:
     ndim = len(step)
-    if raw.dim() != ndim + 2:
-        raise ValueError(f"raw must be (B, {2 * ndim + 1}, *S) with {ndim} spatial axes, got {tuple(raw.shape)}")
-    batch, spatial = raw.shape[0], tuple(raw.shape[2:])
-    if tuple(instances.shape) != (batch, *spatial) or tuple(centers.shape) != (batch, *spatial):
-        raise ValueError(
-            f"instances {tuple(instances.shape)} and centers {tuple(centers.shape)} must be {(batch, *spatial)}"
-        )
+    batch, spatial = _check_shapes(raw, instances, centers, ndim)
     n_pixels = math.prod(spatial)
     n_ids = _resolve_max_label(instances, max_label)
     slots = n_ids + 1
@@ -552,13 +560,7 @@ def _compiled_loss(
     """The loss by :func:`embseg.loss_kernel.loss_and_gradient`; None when ``raw`` has
     non-finite offsets or sigmas (the torch formulation then gives its non-finite loss)."""
     ndim = len(step)
-    if raw.dim() != ndim + 2 or raw.shape[1] != 2 * ndim + 1:
-        raise ValueError(f"raw must be (B, {2 * ndim + 1}, *S) with {ndim} spatial axes, got {tuple(raw.shape)}")
-    batch, spatial = raw.shape[0], tuple(raw.shape[2:])
-    if tuple(instances.shape) != (batch, *spatial) or tuple(centers.shape) != (batch, *spatial):
-        raise ValueError(
-            f"instances {tuple(instances.shape)} and centers {tuple(centers.shape)} must be {(batch, *spatial)}"
-        )
+    batch, spatial = _check_shapes(raw, instances, centers, ndim)
     n_ids = _resolve_max_label(instances, max_label)
     steps = tuple(float(h) for h in (step.tolist() if isinstance(step, torch.Tensor) else step))
     labels = instances.reshape(batch, -1).to(torch.int64).contiguous()

@@ -560,18 +560,21 @@ def _image_loss(
         inst_sum += loss
         if not need_grad:
             continue
-        # d hinge / d q = -phi * weight * d error / d phi (relu'(0) = 0), in pair order.
+        # d hinge / d q = -phi * weight * d error / d phi (relu'(0) = 0), once per pair, then
+        # axis by axis in pair order.
+        dq = np.empty(m)
+        for a in range(m):
+            dq[a] = phi[a] * weights[a] * (2.0 if a < size else -2.0) * hinge_scale if errors[a] > 0.0 else 0.0
         c = centre[k]
         w = s[k]
         for d in range(ndim):
             acc = 0.0
             for a in range(m):
-                if errors[a] > 0.0:
-                    dq = phi[a] * weights[a] * (2.0 if a < size else -2.0) * hinge_scale
+                if dq[a] != 0.0:
                     p = pixel[a]
                     diff = emb[d, p] - c[d]
-                    grad_emb[d, p] += 2.0 * dq * w[d] * diff
-                    acc += dq * diff * diff
+                    grad_emb[d, p] += 2.0 * dq[a] * w[d] * diff
+                    acc += dq[a] * diff * diff
             grad_s[k, d] = acc
 
     var_total = 0.0
