@@ -211,63 +211,100 @@ def _random_2d_and_3d_equal_literal() -> None:
         np.testing.assert_array_equal(cluster(raw, step, 0.9, 0.5, 5), expected)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_split_search_trees_equal_literal(monkeypatch, threads):
-    import embseg.cluster as cluster_module
+@pytest.mark.parametrize("factor", [1e-3, 0.3, 1.0, 7.0, 1e6])
+def test_grid_cell_width_does_not_change_the_labels(monkeypatch, factor):
+    """Tiny cells (the cell cap then widens them), cells of about a box, and one cell for the
+    whole image all give the literal labels: the grid only chooses which candidates are tested."""
+    import embseg.cluster_kernel as kernel
 
-    monkeypatch.setattr(cluster_module, "_SPLIT_TREE_MIN", 50)  # two trees even for a small image
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        _random_2d_and_3d_equal_literal()
-        trees = cluster_module._search_trees(np.random.default_rng(1).random((60, 2)))
-        assert len(trees) == (2 if threads == 2 else 1)
-    finally:
-        torch.set_num_threads(before)
+    grid_shape = kernel.grid_shape
+    seen = []
 
+    def scaled(emb, semi_axes):
+        lo, width, dims = grid_shape(emb, semi_axes)
+        extent = (dims - 1) * width
+        width = width * factor
+        dims = np.floor(extent / width).astype(np.int64) + 1
+        while np.prod(dims.astype(np.float64)) > 2 * emb.shape[1] + 1024:
+            width = width * 1.5
+            dims = np.floor(extent / width).astype(np.int64) + 1
+        seen.append(int(np.prod(dims)))
+        return lo, width, dims
 
-@pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("fraction", [0.0, 0.01, 2.0])
-def test_whole_trees_instead_of_searches_equal_literal(monkeypatch, split, fraction):
-    """Balls that cover most of a tree's box take the tree whole (a superset: the exact test
-    decides): 0 takes every tree the ball touches (all candidates when it touches all), 2 never."""
-    import embseg.cluster as cluster_module
-
-    monkeypatch.setattr(cluster_module, "_SCAN_FRACTION", fraction)
-    if split:
-        monkeypatch.setattr(cluster_module, "_SPLIT_TREE_MIN", 50)
-    calls = {"all": 0, "some": 0}
-    ball = cluster_module._ball
-
-    def counted(trees, centre, radius):
-        near = ball(trees, centre, radius)
-        calls["all" if near is None else "some"] += 1
-        return near
-
-    monkeypatch.setattr(cluster_module, "_ball", counted)
+    monkeypatch.setattr(kernel, "grid_shape", scaled)
     _random_2d_and_3d_equal_literal()
-    if fraction == 0.0 and not split:
-        assert calls["all"] > 0 and calls["some"] == 0
-    if fraction == 2.0:
-        assert calls["all"] == 0
+    assert len(seen) == 2
+    if factor == 1e6:
+        assert seen == [1, 1]
+    if factor == 1e-3:
+        assert min(seen) > 100
 
 
-def test_a_seed_covering_the_image_scans_every_candidate(monkeypatch):
-    """A seed whose ball holds every candidate tests them all without a search."""
-    import embseg.cluster as cluster_module
+def test_grid_shape_caps_the_cells_and_ignores_non_finite_embeddings():
+    from embseg.cluster_kernel import grid_shape
 
+    rng = np.random.default_rng(0)
+    emb = rng.random((3, 1000))
+    emb[:, 5] = np.nan
+    lo, width, dims = grid_shape(emb, np.full((4, 3), 1e-6))  # tiny ellipses: the cap decides
+    assert np.prod(dims) <= 2 * 1000 + 1024
+    np.testing.assert_allclose(lo, np.nanmin(emb, axis=1))
+    assert np.all((dims - 1) * width <= np.nanmax(emb, axis=1) - lo + 1e-12)
+    assert np.all(dims * width > np.nanmax(emb, axis=1) - lo)
+    lo, width, dims = grid_shape(np.full((2, 10), np.nan), np.ones((1, 2)))
+    assert np.all(dims == 1)
+
+
+def test_a_seed_covering_the_image_equals_literal():
+    """A seed whose ellipse holds every candidate (its box spans the whole grid)."""
     rng = np.random.default_rng(5)
     shape = (40, 48)
     step = grid_step(2)
     raw = random_raw(shape, step, rng)
     seed_px = raw[-1].argmax()
-    raw[2:4].view(2, -1)[:, seed_px] = -2.0  # s = exp(-20): a ball over the whole image
-    queried = []
-    monkeypatch.setattr(cluster_module, "_ball",
-                        lambda *a, ball=cluster_module._ball: queried.append(ball(*a)) or queried[-1])
-    expected, _ = literal_cluster(raw, step, 0.9, 0.5, 5)
+    raw[2:4].view(2, -1)[:, seed_px] = -2.0  # s = exp(-20): an ellipse over the whole image
+    expected, stats = literal_cluster(raw, step, 0.9, 0.5, 5)
+    got = cluster(raw, step, 0.9, 0.5, 5)
+    np.testing.assert_array_equal(got, expected)
+    assert stats["accepted"] == 1
+    assert np.count_nonzero(got == 1) == np.count_nonzero(seed_map(raw) > 0.5)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_non_finite_outputs_equal_literal(ndim):
+    """NaN offsets (such pixels join no object), NaN, +inf and -inf raw sigmas at seeds (s NaN:
+    an empty proposal; s = inf: an empty one; s = 0: every finite candidate)."""
+    rng = np.random.default_rng(21 + ndim)
+    shape = (40, 48) if ndim == 2 else (10, 20, 24)
+    step = grid_step(ndim)
+    raw = random_raw(shape, step, rng)
+    flat = raw.view(raw.shape[0], -1)
+    order = torch.argsort(flat[-1], descending=True)
+    flat[0, order[5:4000:7]] = float("nan")  # some candidates, the 6th seed among them
+    flat[ndim, order[0]] = float("nan")  # the first seed's bandwidth
+    flat[ndim:2 * ndim, order[1]] = float("inf")
+    flat[ndim, order[300]] = -float("inf")  # a later seed: s = 0 on one axis
+    expected, stats = literal_cluster(raw, step, 0.9, 0.5, 5)
+    assert stats["accepted"] > 3
     np.testing.assert_array_equal(cluster(raw, step, 0.9, 0.5, 5), expected)
-    assert queried[0] is None
+
+
+def _cluster_in_child(raw, step):
+    return cluster(raw, step, 0.9, 0.5, 5)
+
+
+def test_clustering_works_in_a_forked_child():
+    """The compiled loop runs in a forked worker (a data loader, a process pool) as in the parent."""
+    import multiprocessing
+
+    rng = np.random.default_rng(3)
+    step = grid_step(2)
+    raw = random_raw((40, 48), step, rng)
+    expected = cluster(raw, step, 0.9, 0.5, 5)  # compiled (or loaded) in the parent first
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_cluster_in_child, (raw, step)).get(timeout=120)
+    np.testing.assert_array_equal(got, expected)
+    assert expected.max() > 3
 
 
 @pytest.mark.parametrize(("shape", "anisotropy"), [((48, 64), 1.0), ((10, 24, 28), 2.0)])
@@ -514,32 +551,3 @@ def test_real_masks_ideal_outputs(name):
     np.testing.assert_array_equal(got, literal_cluster(raw, step, min_size=10)[0])
     assert got.max() == truth.max()
     assert same_partition(got, truth)
-
-
-def _balls_in_child(points):
-    import embseg.cluster as cluster_module
-
-    trees = cluster_module._search_trees(points)
-    return len(trees), sorted(cluster_module._ball(trees, points[0], 0.2).tolist())
-
-
-def test_split_search_trees_work_in_a_forked_child(monkeypatch):
-    """The tree thread of the parent does not exist in a forked child: a new one is made there
-    (torch ops themselves are not fork-safe with OpenMP threads; the search is pure NumPy)."""
-    import multiprocessing
-
-    import embseg.cluster as cluster_module
-
-    monkeypatch.setattr(cluster_module, "_SPLIT_TREE_MIN", 50)
-    points = np.random.default_rng(0).random((400, 3))
-    expected = sorted(np.flatnonzero(np.linalg.norm(points - points[0], axis=1) <= 0.2).tolist())
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        trees = cluster_module._search_trees(points)  # the parent's tree thread exists now
-        assert len(trees) == 2 and sorted(cluster_module._ball(trees, points[0], 0.2).tolist()) == expected
-        with multiprocessing.get_context("fork").Pool(1) as pool:
-            n_trees, found = pool.apply_async(_balls_in_child, (points,)).get(timeout=60)
-    finally:
-        torch.set_num_threads(before)
-    assert n_trees == 2 and found == expected

@@ -18,33 +18,26 @@ otherwise swallows every object of the image as one.
 
 Speed without changing the result: a pixel can only be in the proposal of a seed if its
 embedding lies in the ``phi = 0.5`` ellipse, whose semi-axes are ``sqrt(ln 2 / s_d)``
-(:func:`embseg.embedding.membership_radius`). The candidate embeddings are put once in a
-KD-tree (two trees over the two halves of the candidates, built in two threads, when there are
-many); each seed asks the tree(s) for the ball that encloses its ellipse and tests only those
-pixels exactly. Seeds are visited from one descending sort (of the seeds only), so there is
-no arg-max per iteration, and everything runs in float64 NumPy on the CPU with no device round
-trips. Only the candidates are gathered and widened to float64; the seediness map stays
+(:func:`embseg.embedding.membership_radius`). The loop runs compiled
+(:mod:`embseg.cluster_kernel`): the candidates are sorted once into a grid of cells over
+embedding space, and each seed tests exactly only the candidates of the cells that the box
+around its ellipse touches. Seeds are visited from one descending sort (of the seeds only), so
+there is no arg-max per iteration, and everything runs in float64 on the CPU with no device
+round trips. Only the candidates are gathered and widened to float64; the seediness map stays
 float32 (thresholds are compared as in float64), and when no candidate reaches ``seed_thresh``
-(an untrained or empty image) no geometry or tree is built at all.
+(an untrained or empty image) no geometry or grid is built at all.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
-from embseg.embedding import PHI_THRESHOLD, bandwidth, n_output_channels, split_raw
-
-# The tree is queried with a radius inflated by this relative margin, so that rounding in the
-# scaled coordinates can never drop a pixel that the exact test would keep.
-_RADIUS_MARGIN = 1e-7
+from embseg.cluster_kernel import gather, greedy_labels_kernel
+from embseg.embedding import bandwidth, n_output_channels, split_raw
 
 
 def _ndim_of(raw: torch.Tensor) -> int:
@@ -103,25 +96,43 @@ def _candidates(raw: torch.Tensor, fg_thresh: float) -> tuple[np.ndarray, np.nda
     return index, seed[index]
 
 
+def _flat_channels(raw: torch.Tensor, channels: slice) -> np.ndarray:
+    """``(C, P)`` float32/float64 NumPy view (or copy) of some channels of raw outputs."""
+    flat = raw.detach().cpu()[channels]
+    flat = flat.reshape(flat.shape[0], -1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    return flat.numpy()
+
+
+def _embeddings(
+    raw: torch.Tensor, index: np.ndarray, step: Sequence[float], origin: Sequence[int] | None
+) -> np.ndarray:
+    """Embeddings ``(N, D)`` float64 of the pixels at flat ``index`` (columns contiguous)."""
+    ndim = _ndim_of(raw)
+    shape = tuple(raw.shape[1:])
+    origin = [0] * ndim if origin is None else list(origin)
+    # Only the candidates are gathered and widened (never a float64 copy of a whole map).
+    emb = torch.tanh(torch.from_numpy(gather(_flat_channels(raw, slice(0, ndim)), index)))
+    pixel = np.unravel_index(index, shape)
+    for d in range(ndim):
+        coordinate = (torch.from_numpy(pixel[d]).to(torch.float64) + origin[d]) * step[d]
+        emb[d] += coordinate
+    # (N, D) view of the (D, N) array: each axis is one contiguous column (no copies).
+    return emb.numpy().T
+
+
+def _bandwidths(raw: torch.Tensor, index: np.ndarray) -> np.ndarray:
+    """Bandwidths ``(N, D)`` float64 of the pixels at flat ``index`` (columns contiguous)."""
+    ndim = _ndim_of(raw)
+    return bandwidth(torch.from_numpy(gather(_flat_channels(raw, slice(ndim, 2 * ndim)), index))).numpy().T
+
+
 def _geometry(
     raw: torch.Tensor, index: np.ndarray, step: Sequence[float], origin: Sequence[int] | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and bandwidths ``(N, D)`` float64 of the pixels at flat ``index``."""
-    ndim = _ndim_of(raw)
-    shape = tuple(raw.shape[1:])
-    origin = [0] * ndim if origin is None else list(origin)
-    flat = raw.detach().cpu().reshape(raw.shape[0], -1)
-    index_t = torch.from_numpy(index)
-    # Only the candidates are gathered and widened (never a float64 copy of a whole map).
-    values = flat[: 2 * ndim].index_select(1, index_t).double()
-    pixel = np.unravel_index(index, shape)
-    emb = torch.tanh(values[:ndim])
-    for d in range(ndim):
-        coordinate = (torch.from_numpy(pixel[d]).to(torch.float64) + origin[d]) * step[d]
-        emb[d] += coordinate
-    s = bandwidth(values[ndim:])
-    # (N, D) views of the (D, N) arrays: each axis is one contiguous column (no copies).
-    return emb.numpy().T, s.numpy().T
+    return _embeddings(raw, index, step, origin), _bandwidths(raw, index)
 
 
 def candidate_geometry(
@@ -162,99 +173,6 @@ def candidate_geometry(
     return index, emb, s, seed.astype(np.float64)
 
 
-#: From this many candidates on, the search is split into two KD-trees over the two halves of
-#: the candidates (consecutive in C order: two slabs), built in two threads when torch may use two.
-_SPLIT_TREE_MIN = 100_000
-
-
-def _build_tree(points: np.ndarray) -> cKDTree:
-    # An unbalanced tree (sliding midpoint) builds ~3x faster and answers the same balls.
-    return cKDTree(points, leafsize=32, balanced_tree=False, compact_nodes=False)
-
-
-class _Tree(NamedTuple):
-    """A KD-tree over consecutive candidates, from index ``first``, with its bounding box and the
-    smallest ball radius that can cover :data:`_SCAN_FRACTION` of it (half of that fraction of
-    its widest extent)."""
-
-    tree: cKDTree
-    first: int
-    mins: np.ndarray
-    maxes: np.ndarray
-    scan_radius: float
-
-
-def _tree(tree: cKDTree, first: int) -> _Tree:
-    mins, maxes = np.asarray(tree.mins), np.asarray(tree.maxes)
-    widest = float(np.max(maxes - mins)) if mins.size else 0.0
-    return _Tree(tree, first, mins, maxes, 0.5 * _SCAN_FRACTION * widest)
-
-
-def _search_trees(points: np.ndarray) -> list[_Tree]:
-    """KD-trees over consecutive parts of ``points`` ``(N, D)``, each with the index of its
-    first point. Two parts (built concurrently: the build releases the GIL) above
-    :data:`_SPLIT_TREE_MIN` points when torch's thread count allows two threads, else one."""
-    n = points.shape[0]
-    if n < _SPLIT_TREE_MIN or torch.get_num_threads() < 2:
-        return [_tree(_build_tree(points), 0)]
-    half = n // 2
-    other = _pool().submit(_build_tree, points[half:])
-    first = _build_tree(points[:half])
-    return [_tree(first, 0), _tree(other.result(), half)]
-
-
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    """One worker thread for the second tree, kept between calls (starting a thread costs
-    milliseconds) and made anew in a forked child, which does not inherit the thread."""
-    global _POOL
-    if _POOL is None or _POOL[0] != os.getpid():
-        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="embseg-kdtree"))
-    return _POOL[1]
-
-
-#: A tree whose bounding box the box around a ball covers to at least this fraction (product over
-#: the axes) is taken whole instead of searched: the exact test then costs ~10 ns per point on
-#: contiguous columns, against ~60 ns per point found by a search (``query_ball_point`` builds a
-#: Python list). Whole trees only ever add points the exact test rejects: the proposals are the same.
-_SCAN_FRACTION = 0.25
-
-
-def _ball(trees: list[_Tree], centre: np.ndarray, radius: float) -> np.ndarray | None:
-    """Indices of (a superset of) the points within ``radius`` of ``centre`` over the trees, in
-    no particular order; ``None`` for all points. A tree whose bounding box the ball clearly
-    misses is not asked (when there are several); one it mostly covers (:data:`_SCAN_FRACTION`)
-    is taken whole."""
-    parts = []
-    whole = 0
-    reach = radius * (1 + 1e-9) + 1e-300
-    for t in trees:
-        if len(trees) > 1 and (np.any(t.mins - centre > reach) or np.any(centre - t.maxes > reach)):
-            continue
-        if radius >= t.scan_radius and _covered(t, centre, radius) >= _SCAN_FRACTION:
-            whole += 1
-            parts.append(np.arange(t.first, t.first + t.tree.n, dtype=np.intp))
-            continue
-        found = np.asarray(t.tree.query_ball_point(centre, radius, return_sorted=False), dtype=np.intp)
-        parts.append(found + t.first if t.first else found)
-    if whole == len(trees):
-        return None
-    if not parts:
-        return np.zeros(0, dtype=np.intp)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def _covered(t: _Tree, centre: np.ndarray, radius: float) -> float:
-    """Fraction of the tree's bounding box inside the box around the ball (product over axes;
-    an axis of zero extent counts as covered)."""
-    span = t.maxes - t.mins
-    inter = np.clip(np.minimum(t.maxes, centre + radius) - np.maximum(t.mins, centre - radius), 0.0, None)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.prod(np.where(span > 0, inter / span, 1.0)))
-
-
 def _within_radius(s: np.ndarray, step: Sequence[float], max_radius: Sequence[float]) -> np.ndarray:
     """``(N,)`` bool: the ``phi = 0.5`` ellipse of bandwidths ``s`` ``(N, D)`` has semi-axes of at
     most ``max_radius`` pixels (``sqrt(ln 2 / s_d) <= max_radius_d * step_d``, i.e.
@@ -285,8 +203,7 @@ def greedy_labels(
     seed
         ``(N,)`` seediness of the candidates. Ties are visited in candidate order.
     step
-        Grid step per axis; only used to scale the search tree (any positive scale gives the
-        same result, this one keeps the tree well balanced).
+        Grid step per axis (used by ``max_radius`` only).
     seed_thresh, min_size
         See :func:`cluster`.
     return_seeds
@@ -305,65 +222,35 @@ def greedy_labels(
         ``(L,)`` int64 candidate index of the seed that label ``k + 1`` grew from, when
         ``return_seeds``. The seed pixel itself may carry a later label.
     """
-    n = seed.shape[0]
-    labels = np.zeros(n, dtype=np.uint32)
-    accepted: list[int] = []
-    if n == 0:
-        return (labels, np.zeros(0, dtype=np.int64)) if return_seeds else labels
-    # Seeds in descending seediness, ties in candidate order (a stable sort of the seeds only).
     seeds = np.flatnonzero(seed >= seed_thresh)
+    labels, accepted = _greedy_from_seeds(emb, s[seeds], seeds, seed, step, min_size, tie_key, max_radius)
+    return (labels, accepted) if return_seeds else labels
+
+
+def _greedy_from_seeds(
+    emb: np.ndarray,
+    s_seeds: np.ndarray,
+    seeds: np.ndarray,
+    seed: np.ndarray,
+    step: Sequence[float],
+    min_size: int,
+    tie_key: np.ndarray | None,
+    max_radius: Sequence[float] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`greedy_labels` given the candidates that reach the seed threshold (``seeds``,
+    ascending) and their bandwidths: only seeds need a bandwidth."""
+    labels = np.zeros(seed.shape[0], dtype=np.uint32)
     if max_radius is not None and seeds.size:
-        seeds = seeds[_within_radius(s[seeds], step, max_radius)]
+        keep = _within_radius(s_seeds, step, max_radius)
+        seeds, s_seeds = seeds[keep], s_seeds[keep]
+    # Seeds in descending seediness, ties in candidate order (a stable sort of the seeds only).
     if tie_key is None:
-        seeds = seeds[np.argsort(-seed[seeds], kind="stable")]
+        order = np.argsort(-seed[seeds], kind="stable")
     else:
-        seeds = seeds[np.lexsort((np.asarray(tie_key)[seeds], -seed[seeds]))]
+        order = np.lexsort((np.asarray(tie_key)[seeds], -seed[seeds]))
     if seeds.size == 0:
-        return (labels, np.zeros(0, dtype=np.int64)) if return_seeds else labels
-    scale = 1.0 / np.asarray(step, dtype=np.float64)
-    scaled = np.multiply(emb, scale, order="C")
-    trees = _search_trees(scaled)
-    # Radius (in scaled units) of the ball enclosing each seed's phi = 0.5 ellipse.
-    radius = (
-        np.max(np.sqrt(math.log(2.0) / s[seeds]) * scale, axis=1) * (1 + _RADIUS_MARGIN)
-        + _RADIUS_MARGIN
-    )
-    ndim = emb.shape[1]
-    columns = [np.ascontiguousarray(emb[:, d]) for d in range(ndim)]
-    clustered = np.zeros(n, dtype=bool)
-    next_label = 1
-    for k, r in zip(seeds.tolist(), radius.tolist(), strict=True):
-        if clustered[k]:
-            continue
-        near = _ball(trees, scaled[k], r)
-        # sum_d s_d (e_d - e_k,d) ** 2 axis by axis on contiguous columns, the same float
-        # operations in the same order as ``(s[k] * diff * diff).sum(axis=1)``.
-        centre, bw = emb[k], s[k]
-        exponent = None
-        # An infinite bandwidth times a zero distance is NaN: phi is then not > 0.5 (quietly).
-        with np.errstate(invalid="ignore"):
-            for d in range(ndim):
-                if near is None:  # every candidate
-                    diff = columns[d] - centre[d]
-                else:
-                    diff = columns[d].take(near)
-                    diff -= centre[d]
-                term = bw[d] * diff
-                term *= diff
-                exponent = term if exponent is None else np.add(exponent, term, out=exponent)
-        inside = np.exp(-exponent) > PHI_THRESHOLD
-        proposal = np.flatnonzero(inside) if near is None else near[inside]
-        n_free = proposal.size - int(np.count_nonzero(clustered[proposal]))
-        if proposal.size >= min_size and 2 * n_free > proposal.size:
-            labels[proposal] = next_label
-            next_label += 1
-            accepted.append(k)
-        clustered[proposal] = True
-        # phi(seed) = 1, but a non-finite bandwidth must not let the loop revisit the seed.
-        clustered[k] = True
-    if return_seeds:
-        return labels, np.asarray(accepted, dtype=np.int64)
-    return labels
+        return labels, np.zeros(0, dtype=np.int64)
+    return greedy_labels_kernel(emb, s_seeds[order], seeds[order], min_size)
 
 
 def cluster(
@@ -435,9 +322,11 @@ def cluster(
         # No pixel can start an object: no geometry, no tree.
         labels = labels.reshape(shape)
         return (labels, np.zeros(0, dtype=np.int64)) if return_seeds else labels
-    emb, s = _geometry(raw, index, step, origin)
-    labels[index], seeds = greedy_labels(
-        emb, s, seed.astype(np.float64), step, seed_thresh, min_size, return_seeds=True, max_radius=max_radius
+    seed64 = seed.astype(np.float64)
+    seeds = np.flatnonzero(seed64 >= seed_thresh)
+    labels[index], seeds = _greedy_from_seeds(
+        _embeddings(raw, index, step, origin), _bandwidths(raw, index[seeds]), seeds, seed64, step,
+        min_size, None, max_radius,
     )
     labels = labels.reshape(shape)
     if return_seeds:

@@ -16,8 +16,9 @@ accepted proposal takes the next label on all its pixels, overwriting earlier la
 proposal and the seed are marked clustered either way; with ``max_radius`` (pixels per axis),
 a pixel whose ``phi = 0.5`` ellipse reaches farther on some axis is not a seed.
 
-TorchScript has no KD-tree. The window here: the candidates are sorted once by their embedding
-along one axis ``a`` (the longest array axis). A pixel ``j`` can only be in the proposal of seed
+TorchScript cannot run the compiled grid search of :mod:`embseg.cluster_kernel`. The window
+here: the candidates are sorted once by their embedding along one axis ``a`` (the longest array
+axis). A pixel ``j`` can only be in the proposal of seed
 ``k`` if ``s_k,a (e_j,a - e_k,a)^2 < ln 2`` (every other term of the exponent is non-negative),
 so it lies in the sorted range ``[e_k,a - r, e_k,a + r]`` with ``r = sqrt(ln 2 / s_k,a)``
 (inflated by a tiny margin against rounding). The ranges of all seeds come from one
