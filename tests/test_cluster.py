@@ -551,3 +551,14 @@ def test_real_masks_ideal_outputs(name):
     np.testing.assert_array_equal(got, literal_cluster(raw, step, min_size=10)[0])
     assert got.max() == truth.max()
     assert same_partition(got, truth)
+
+
+def test_warm_up_in_background_compiles_the_kernels():
+    import embseg.cluster_kernel as kernel
+
+    thread = kernel.warm_up_in_background()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert len(kernel._greedy.signatures) >= 1
+    assert {str(sig[0]) for sig in kernel.gather.signatures} >= {
+        "array(float32, 2d, C)", "array(float64, 2d, C)"}

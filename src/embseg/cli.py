@@ -194,10 +194,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
+    from embseg.cluster_kernel import warm_up_in_background
     from embseg.io import list_inputs, read_image, write_image, write_labels
     from embseg.model import load_model
     from embseg.zarr_io import is_zarr
 
+    warm_up_in_background()  # the compiled clustering, while the model loads and the network runs
     model = load_model(args.model)
     zarr_inputs = [Path(p) for p in args.inputs if is_zarr(p)]
     other = [p for p in args.inputs if not is_zarr(p)]
