@@ -60,8 +60,8 @@ class Bench:
 BENCHES = [
     Bench("loss_2d", "loss_2d", "loss forward + backward, 2D", 10, 3, 0),
     Bench("loss_3d", "loss_3d", "loss forward + backward, 3D", 10, 5, 1),
-    Bench("cluster_2d", "cluster_2d", "clustering, 2D", 20, 3, 0),
-    Bench("cluster_3d", "cluster_3d", "clustering, 3D", 20, 3, 0),
+    Bench("cluster_2d", "cluster_2d", "clustering, 2D", 20, 3, 1),
+    Bench("cluster_3d", "cluster_3d", "clustering, 3D", 20, 5, 1),
     Bench("train_step_2d", "train_step_2d", "training step (net + loss + Adam), 2D", 2, 3, 1),
     Bench("train_step_2d_256", "train_step_2d_256", "training step, 2D, the reference's 256² crops", 2, 2, 0),
     Bench("train_step_3d", "train_step_3d", "training step (net + loss + Adam), 3D", 2, 2, 1),

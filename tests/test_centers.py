@@ -124,7 +124,13 @@ def test_fft_pass_equals_brute_force_and_settles_ties_exactly(monkeypatch, seed)
         assert medoid(square) == brute_medoid(brute_force_sums(square))
 
 
-def test_object_centers_batched_fft_equals_per_object_brute_force():
+@pytest.mark.parametrize("small_max", [0, 300, 100_000])
+def test_object_centers_batched_fft_equals_per_object_brute_force(monkeypatch, small_max):
+    """Every object by the batched FFT pass (0), the small ones by the compiled brute force
+    (300), or every object by it (100,000): the brute-force medoids each time."""
+    import embseg.centers as centers_module
+
+    monkeypatch.setattr(centers_module, "_SMALL_OBJECT_MAX", small_max)
     rng = np.random.default_rng(21)
     for shape, spacing in (((96, 96), None), ((96, 96), (1.0, 1.7)), ((16, 40, 40), (2.18, 1.0, 1.0))):
         field = ndimage.gaussian_filter(rng.normal(size=shape), 2.0)

@@ -19,8 +19,10 @@ pixel within ``TIE_RTOL`` of the smallest FFT sum plus a margin of ``1e-10 * n *
 (far above that rounding) is a candidate. One candidate (the usual case) is the medoid; several
 (ties, near ties) are settled by their exact sums, so the result is the brute-force medoid with
 its tie rule. :func:`object_centers` batches the FFTs of all objects of a label image by grid
-size. Objects whose grid would exceed ``_FFT_MAX_PIXELS``, and non-integer coordinates, take
-the bounded search below.
+size; objects of up to ``_SMALL_OBJECT_MAX`` pixels (most objects of a training crop) skip the
+FFT and take the compiled brute force of :mod:`embseg.centers_kernel` (≈0.7 ns per pixel pair,
+no set-up), with the same tie rule. Objects whose grid would exceed ``_FFT_MAX_PIXELS``, and
+non-integer coordinates, take the bounded search below.
 
 Exact medoid without an ``n x n`` matrix (large or sparse objects)
 ------------------------------------------------------------------
@@ -46,6 +48,7 @@ from scipy import fft as sp_fft
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
+from embseg.centers_kernel import box_medoids
 from embseg.errors import UserError
 
 #: Centre methods accepted by :func:`center_of` and :func:`object_centers`.
@@ -477,6 +480,9 @@ def centers_in_boxes(
     return centers
 
 
+#: Objects of up to this many pixels get the compiled brute force (:mod:`embseg.centers_kernel`).
+_SMALL_OBJECT_MAX = 600
+
 #: Up to this many objects share one FFT grid (the largest of theirs): for the few cut objects
 #: of a training crop, one batched FFT costs less than one per size class.
 _ONE_GROUP_MAX = 16
@@ -496,7 +502,17 @@ def _object_medoids(
     pixel_size = np.ones(ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
     if pixel_size.shape != (ndim,) or not np.all(pixel_size > 0):
         raise UserError(f"spacing must have {ndim} positive values, got {pixel_size.tolist()}")
+    order = ids.tolist()
     centers: dict[int, tuple[int, ...]] = {}
+    if len(ids):  # small objects: all pairwise distances, compiled (no FFT set-up)
+        lo = np.array([[b.start for b in box] for box in slices], dtype=np.int64)
+        hi = np.array([[b.stop for b in box] for box in slices], dtype=np.int64)
+        found = box_medoids(labels, ids, lo, hi, pixel_size, _SMALL_OBJECT_MAX, TIE_RTOL)
+        done = found[:, 0] >= 0
+        for obj_id, center in zip(ids[done].tolist(), found[done].tolist(), strict=True):
+            centers[obj_id] = tuple(center)
+        keep = np.flatnonzero(~done)
+        ids, slices = ids[keep], [slices[k] for k in keep.tolist()]
     # Grouped by the size class of the longest box side (few groups, hence few FFT calls), or
     # all in one group when there are few objects; a group's grid is the per-axis largest of
     # its members' grids.
@@ -516,7 +532,7 @@ def _object_medoids(
         per_batch = max(1, _BLOCK_VALUES // math.prod(shape))
         for start in range(0, len(members), per_batch):
             _medoid_batch(labels, members[start : start + per_batch], shape, pixel_size, spacing, centers)
-    return {k: centers[k] for k in ids.tolist()}
+    return {k: centers[k] for k in order}
 
 
 def _medoid_batch(
