@@ -239,7 +239,6 @@ def _greedy_from_seeds(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`greedy_labels` given the candidates that reach the seed threshold (``seeds``,
     ascending) and their bandwidths: only seeds need a bandwidth."""
-    labels = np.zeros(seed.shape[0], dtype=np.uint32)
     if max_radius is not None and seeds.size:
         keep = _within_radius(s_seeds, step, max_radius)
         seeds, s_seeds = seeds[keep], s_seeds[keep]
@@ -249,7 +248,7 @@ def _greedy_from_seeds(
     else:
         order = np.lexsort((np.asarray(tie_key)[seeds], -seed[seeds]))
     if seeds.size == 0:
-        return labels, np.zeros(0, dtype=np.int64)
+        return np.zeros(seed.shape[0], dtype=np.uint32), np.zeros(0, dtype=np.int64)
     return greedy_labels_kernel(emb, s_seeds[order], seeds[order], min_size)
 
 
@@ -319,7 +318,7 @@ def cluster(
     labels = np.zeros(int(np.prod(shape)), dtype=np.uint32)
     index, seed = _candidates(raw, fg_thresh)
     if not np.any(_at_least(seed, seed_thresh)):
-        # No pixel can start an object: no geometry, no tree.
+        # No pixel can start an object: no geometry, no grid.
         labels = labels.reshape(shape)
         return (labels, np.zeros(0, dtype=np.int64)) if return_seeds else labels
     seed64 = seed.astype(np.float64)

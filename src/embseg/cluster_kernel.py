@@ -20,12 +20,15 @@ import threading
 import numpy as np
 from numba import njit
 
+from embseg.embedding import PHI_THRESHOLD
+
 __all__ = ["gather", "greedy_labels_kernel", "grid_shape", "warm_up", "warm_up_in_background"]
 
-_LN2 = math.log(2.0)
+#: ``phi > PHI_THRESHOLD`` iff the exponent is below this (ln 2), up to the rounding of ``exp``.
+_MAX_EXPONENT = -math.log(PHI_THRESHOLD)
 #: Exponents below / above these are inside / outside without evaluating ``exp``.
-_INSIDE_BELOW = _LN2 * (1.0 - 1e-12)
-_OUTSIDE_ABOVE = _LN2 * (1.0 + 1e-12)
+_INSIDE_BELOW = _MAX_EXPONENT * (1.0 - 1e-12)
+_OUTSIDE_ABOVE = _MAX_EXPONENT * (1.0 + 1e-12)
 #: The box of a seed is widened by this relative margin of its semi-axes and this fraction of
 #: a cell, so that rounding can never leave out a pixel that the exact test keeps.
 _REL_MARGIN = 1e-7
@@ -183,7 +186,7 @@ def _greedy(
         for d in range(ndim):
             centre[d] = sorted_emb[d, k]
             b[d] = bw[i, d]
-            a = math.sqrt(_LN2 / b[d]) * (1.0 + rel_margin) + cell_margin * width[d]
+            a = math.sqrt(_MAX_EXPONENT / b[d]) * (1.0 + rel_margin) + cell_margin * width[d]
             inverse = 1.0 / width[d]
             x0 = (centre[d] - a - lo[d]) * inverse
             x1 = (centre[d] + a - lo[d]) * inverse
@@ -214,7 +217,7 @@ def _greedy(
                     elif e > outside_above:
                         inside = False
                     else:
-                        inside = math.exp(-e) > 0.5
+                        inside = math.exp(-e) > PHI_THRESHOLD
                     if inside:
                         proposal[m] = p
                         m += 1
@@ -273,7 +276,7 @@ def greedy_labels_kernel(
     n = columns.shape[1]
     labels = np.zeros(n, dtype=np.uint32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        semi_axes = np.sqrt(_LN2 / bw)
+        semi_axes = np.sqrt(_MAX_EXPONENT / bw)
     lo, width, dims = grid_shape(columns, semi_axes)
     accepted = np.empty(seeds.shape[0], dtype=np.int64)
     count = _greedy(columns, bw, seeds, lo, width, dims, int(min_size), labels, accepted,
