@@ -72,6 +72,15 @@ BENCHES = [
     Bench("predict_2d_trained", "predict_2d_trained", "prediction (net + clustering), 2D, no TTA, trained model", 3, 3, 1),
     Bench("predict_3d_trained", "predict_3d_trained", "prediction (net + clustering), 3D, no TTA, trained model", 3, 3, 1),
     Bench("medoid", "medoid", "medoid centre images of training crops", 10, 3, 1),
+    # Ours in bfloat16 autocast against the reference in float32 (it has no CPU mixed precision):
+    # not at equal results, so no target and not in the ratios line's first part; run only on a
+    # CPU that computes bfloat16 natively (embseg.predict.cpu_bf16_supported).
+    Bench("train_step_2d_bf16", "train_step_2d", "training step, 2D, ours in bfloat16 (--cpu-amp)", None, 3, 1),
+    Bench("train_step_3d_bf16", "train_step_3d", "training step, 3D, ours in bfloat16 (--cpu-amp)", None, 2, 1),
+    Bench("predict_2d_trained_bf16", "predict_2d_trained", "prediction, 2D, trained model, ours in bfloat16 (--amp)",
+          None, 3, 1),
+    Bench("predict_3d_trained_bf16", "predict_3d_trained", "prediction, 3D, trained model, ours in bfloat16 (--amp)",
+          None, 3, 1),
 ]
 
 #: Keys of the final ``ratios:`` line, in order, and the benchmark each reports. End-to-end
@@ -86,6 +95,8 @@ EXTRA_KEYS = [
     ("loss_3d", "loss_3d"), ("cluster_3d", "cluster_3d"), ("train_step_2d_256", "train_step_2d_256"),
     ("predict_2d_random_weights", "predict_2d"), ("predict_3d_random_weights", "predict_3d"),
     ("predict_2d_tta", "predict_2d_tta"), ("predict_3d_tta", "predict_3d_tta"),
+    ("train_step_2d_bf16", "train_step_2d_bf16"), ("train_step_3d_bf16", "train_step_3d_bf16"),
+    ("predict_2d_bf16", "predict_2d_trained_bf16"), ("predict_3d_bf16", "predict_3d_trained_bf16"),
 ]
 
 
@@ -234,7 +245,7 @@ def check(bench: Bench, folder: Path, records: dict) -> str:
     if bench.name.startswith("predict"):
         agree = label_agreement(a, b, 0.5)
         net = f"same network (max |out diff| {ref.get('net_max_abs_diff', float('nan')):.1e})"
-        weights = "trained" if bench.name.endswith("_trained") else "random weights"
+        weights = "trained" if bench.name.removesuffix("_bf16").endswith("_trained") else "random weights"
         split = ours.get("extra_result")
         split = (f"; ours: network {split['network_s']:.3f} s + clustering {split['cluster_s']:.3f} s"
                  if split else "")
@@ -396,8 +407,11 @@ def merged(kept: list[dict], new: list[dict]) -> list[dict]:
 
 
 def select(names: str | None) -> list[Bench]:
+    from embseg.predict import cpu_bf16_supported
+
+    suite = [b for b in BENCHES if cpu_bf16_supported() or not b.name.endswith("_bf16")]
     if not names:
-        return list(BENCHES)
+        return suite
     chosen = []
     for name in (n.strip() for n in names.split(",") if n.strip()):
         exact = [b for b in BENCHES if b.name == name]
@@ -405,7 +419,7 @@ def select(names: str | None) -> list[Bench]:
         if not group:
             raise SystemExit(f"unknown benchmark {name!r}; choose from {', '.join(b.name for b in BENCHES)}")
         chosen += [b for b in group if b not in chosen]
-    return [b for b in BENCHES if b in chosen]
+    return [b for b in suite if b in chosen]
 
 
 def main() -> None:

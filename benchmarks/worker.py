@@ -233,7 +233,7 @@ def _ours_network(folder: Path, ndim: int) -> torch.nn.Module:
     return net
 
 
-def bench_train_step(impl: str, folder: Path, meta: dict):
+def bench_train_step(impl: str, folder: Path, meta: dict, bf16: bool = False):
     ndim = meta["ndim"]
     images = torch.from_numpy(load(folder, "images"))
     instances_np = load(folder, "instances")
@@ -276,8 +276,9 @@ def bench_train_step(impl: str, folder: Path, meta: dict):
 
     def run():
         optimizer.zero_grad(set_to_none=True)
-        out = net(images)
-        loss = loss_fn(out)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # what --cpu-amp does
+            out = net(images)
+        loss = loss_fn(out.float())
         loss.backward()
         optimizer.step()
         return float(loss.detach())
@@ -285,7 +286,7 @@ def bench_train_step(impl: str, folder: Path, meta: dict):
     return run, info
 
 
-def bench_predict(impl: str, folder: Path, meta: dict, tta: bool):
+def bench_predict(impl: str, folder: Path, meta: dict, tta: bool, amp: bool = False):
     ndim = meta["ndim"]
     image = load(folder, "image")  # (1, *spatial) normalised float32
     info = {}
@@ -311,7 +312,7 @@ def bench_predict(impl: str, folder: Path, meta: dict, tta: bool):
         def run():
             labels, _ = predict_labels(net, image, ndim, tuple(meta["step"]), seed_thresh=meta["seed_thresh"],
                                        fg_thresh=meta["fg_thresh"], min_size=meta["min_size"], tta=tta,
-                                       device="cpu")
+                                       device="cpu", amp=amp)
             return labels
 
         def split() -> dict:
@@ -322,7 +323,7 @@ def bench_predict(impl: str, folder: Path, meta: dict, tta: bool):
             net_s, cluster_s = [], []
             for _ in range(2):
                 t0 = time.perf_counter()
-                raw = predict_raw(net, image, ndim, tta=tta, device="cpu")
+                raw = predict_raw(net, image, ndim, tta=tta, device="cpu", amp=amp)
                 t1 = time.perf_counter()
                 cluster(raw, tuple(meta["step"]), seed_thresh=meta["seed_thresh"], fg_thresh=meta["fg_thresh"],
                         min_size=meta["min_size"])
@@ -389,14 +390,16 @@ def bench_medoid(impl: str, folder: Path, meta: dict):
 
 
 def make(bench: str, impl: str, folder: Path, meta: dict):
+    bf16 = bench.endswith("_bf16")  # ours in bfloat16 autocast; the reference as always
+    bench = bench.removesuffix("_bf16")
     if bench.startswith("loss"):
         return bench_loss(impl, folder, meta)
     if bench.startswith("cluster"):
         return bench_cluster(impl, folder, meta)
     if bench.startswith("train_step"):
-        return bench_train_step(impl, folder, meta)
+        return bench_train_step(impl, folder, meta, bf16=bf16)
     if bench.startswith("predict"):
-        return bench_predict(impl, folder, meta, tta=bench.endswith("_tta"))
+        return bench_predict(impl, folder, meta, tta=bench.endswith("_tta"), amp=bf16)
     if bench == "medoid":
         return bench_medoid(impl, folder, meta)
     raise SystemExit(f"unknown benchmark {bench}")

@@ -610,3 +610,20 @@ def test_compiled_non_finite_outputs_give_the_torch_result(channel):
             compiled, _ = spatial_embedding_loss(bad, instances, centers, step, 10.0, backend="compiled")
             reference, _ = spatial_embedding_loss(bad, instances, centers, step, 10.0, backend="torch")
             torch.testing.assert_close(compiled, reference, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+@needs_numba
+@pytest.mark.parametrize("shape", [(23, 37), (7, 16), (5, 11, 13), (9, 4, 30)])
+def test_compiled_matches_reference_float64_on_odd_crop_shapes(shape):
+    """The kernel's selection blocks (128 pixels) and embedding axes on crops whose sides are
+    no multiple of anything: the same loss as the plain reference."""
+    ndim = len(shape)
+    rng = np.random.default_rng(sum(shape))
+    labels, centers = zip(*(random_labels(rng, shape, n) for n in (3, 5)), strict=True)
+    instances, centres = torch.tensor(np.stack(labels)), torch.tensor(np.stack(centers))
+    step = tuple(1.0 / (s + 7) for s in shape)  # phi spans [0, 1] on these small crops
+    for sigma_mean in (-0.1, 0.3):
+        raw = make_raw(rng, 2, ndim, shape, torch.float64, offset_scale=0.05, sigma_mean=sigma_mean)
+        _, grad = assert_matches_reference(raw, instances, centres, step, 10.0, rtol=1e-8, atol=1e-10,
+                                           phi_cutoff=1e-12, backend="compiled")
+        assert grad[:, :ndim].abs().max() > 1e-5  # the offsets get gradient

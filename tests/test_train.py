@@ -239,3 +239,30 @@ def test_training_with_a_weight_average_validates_and_saves_the_average(tmp_path
     for key in weights:
         torch.testing.assert_close(saved[key].float(), checkpoint[f"average.module.{key}"].float())
     assert any(not torch.equal(saved[k].float(), checkpoint[f"model.{k}"].float()) for k in weights)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_amp_trains_in_bfloat16_only_where_the_cpu_computes_it(tmp_path, monkeypatch, native):
+    import embseg.predict
+    import embseg.training
+    from embseg.training import train
+
+    dtypes = []
+
+    def recording_network(config):
+        net = build_network(config)
+        net.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+        return net
+
+    monkeypatch.setattr(embseg.training, "build_network", recording_network)
+    monkeypatch.setattr(embseg.predict, "cpu_bf16_supported", lambda: native)
+    images, masks = write_pairs(tmp_path / "train", n=3, seed=0)
+    model = train(_tiny_config(images, masks, tmp_path / "run", epochs=1, cpu_amp=True), progress=False)
+    assert model.config.training["precision"] == ("bfloat16 autocast" if native else "float32")
+    training_steps = dtypes[:2]  # 8 samples / batch 4: two steps before validation
+    assert training_steps == [torch.bfloat16 if native else torch.float32] * 2
+    log = (tmp_path / "run" / "log.csv").read_text().strip().splitlines()
+    assert np.isfinite(float(log[1].split(",")[3]))  # the loss column
+    dtypes.clear()
+    train(_tiny_config(images, masks, tmp_path / "off", epochs=1), progress=False)
+    assert dtypes[:2] == [torch.float32] * 2  # off by default

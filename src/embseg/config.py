@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    cpu_amp: bool = False
     threads: int | None = None
     num_workers: int = 0
     val_every: int = 5
