@@ -11,12 +11,13 @@
     .venv/bin/python benchmarks/ab_same_process.py cluster-scan    # every ball searched vs whole trees when mostly covered
     .venv/bin/python benchmarks/ab_same_process.py loss-backend-3d # loss: torch operators vs the compiled kernel (also -2d)
     .venv/bin/python benchmarks/ab_same_process.py predict-bf16-3d # trained-model prediction, float32 vs amp=True (also -2d)
+    .venv/bin/python benchmarks/ab_same_process.py train-bf16-3d   # training step, float32 vs cpu_amp (bfloat16; also -2d)
 
 Uses the inputs built by ``run.py`` (``benchmarks/_work/inputs/full``). Each variant's output is
 checked equal to the other's (``onednn-3d``: to float rounding, other kernels; ``train-onednn-3d``: to
 1e-3 of the output's range, batch-norm batch statistics at random init amplify the rounding;
 ``loss-backend-*``: to 1e-4, float32 against float64 arithmetic; ``predict-bf16-*``: labels matched
-at IoU 0.5 with F1 >= 0.99, bfloat16 is not float32). Small changes drown in the machine's load swings between runs;
+at IoU 0.5 with F1 >= 0.99, bfloat16 is not float32; ``train-bf16-*``: the last losses within 5 %). Small changes drown in the machine's load swings between runs;
 alternating the variants within one process compares them under the same load.
 """
 
@@ -204,6 +205,26 @@ def _loss_backend_variants(ndim: str):
                  "compiled kernel": lambda: setattr(module, "AVAILABLE", True)}, time.perf_counter
 
 
+def _train_bf16_variants(ndim: str):
+    """One training step (network, loss, Adam) on the train_step_* inputs in float32 and with
+    the network in bfloat16 autocast (``cpu_amp``); each variant steps its own copy of the same
+    start (the outputs compared are the last losses: close, not equal)."""
+    folder = HERE / "_work" / "inputs" / "full" / f"train_step_{ndim}"
+    meta = json.loads((folder / "meta.json").read_text())
+    steps = {"float32": worker.bench_train_step("ours", folder, meta)[0],
+             "bfloat16 (cpu_amp)": worker.bench_train_step("ours", folder, meta, bf16=True)[0]}
+    current: dict = {}
+    count = dict.fromkeys(steps, 0)
+
+    def run():
+        name = current["name"]
+        count[name] += 1
+        torch.manual_seed(count[name])  # the k-th step of either variant draws the same dropout masks
+        return np.asarray(steps[name]())
+
+    return run, {name: (lambda name=name: current.__setitem__("name", name)) for name in steps}, time.perf_counter
+
+
 def _predict_bf16_variants(ndim: str):
     """End-to-end prediction with the trained model (the predict_*_trained inputs) in float32
     and with `amp=True` (bfloat16 autocast, on a CPU with native bf16)."""
@@ -226,6 +247,8 @@ def _variants(name: str, shape: tuple[int, ...], wider: float):
         return _train_onednn_variants(shape)
     if name == "cluster-scan":
         return _cluster_scan_variants(wider)
+    if name.startswith("train-bf16"):
+        return _train_bf16_variants(name.removeprefix("train-bf16-"))
     if name.startswith("predict-bf16"):
         return _predict_bf16_variants(name.removeprefix("predict-bf16-"))
     if name.startswith("loss-backend"):
@@ -253,7 +276,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=("cluster-trees", "medoid-groups", "predict-2d", "predict-3d", "train-relu-2d",
                                          "train-relu-3d", "onednn-3d", "train-onednn-3d", "cluster-scan", "loss-backend-2d",
-                                         "loss-backend-3d", "predict-bf16-2d", "predict-bf16-3d"))
+                                         "loss-backend-3d", "predict-bf16-2d", "predict-bf16-3d", "train-bf16-2d",
+                                         "train-bf16-3d"))
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--shape", default="32,96,96", help="onednn-3d: the volume (Z,Y,X)")
     parser.add_argument("--wider", type=float, default=0.0,
@@ -280,6 +304,9 @@ def main() -> None:
         print(f"bfloat16 vs float32 labels: F1 {m.f1:.4f} at IoU 0.5, mean matched IoU {m.mean_matched_score:.4f}, "
               f"{m.n_true} / {m.n_pred} objects")
         same = m.f1 >= 0.99
+    elif args.what.startswith("train-bf16"):  # bfloat16: the losses close, not equal
+        same = all(np.isclose(outputs[names[0]], outputs[n], rtol=0.05) for n in names[1:])
+        print("last losses: " + ", ".join(f"{n} {float(outputs[n]):.4f}" for n in names))
     elif args.what.startswith("loss-backend"):  # float32 (torch) against float64 arithmetic (kernel)
         same = all(np.isclose(outputs[names[0]], outputs[n], rtol=1e-4) for n in names[1:])
     elif args.what == "train-onednn-3d":  # batch statistics at random init amplify rounding
