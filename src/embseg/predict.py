@@ -135,14 +135,20 @@ def cpu_bf16_supported() -> bool:
         return False
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """Mixed precision for ``amp``: float16 on CUDA; bfloat16 on a CPU that computes it
-    natively (:func:`cpu_bf16_supported`), float32 on other CPUs."""
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The dtype mixed precision (``amp``) runs in on ``device``: float16 on CUDA; bfloat16 on
+    a CPU that computes it natively (:func:`cpu_bf16_supported`); None (float32) elsewhere."""
     if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return torch.float16
     if amp and device.type == "cpu" and cpu_bf16_supported():
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return torch.bfloat16
+    return None
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """Autocast to :func:`autocast_dtype` (no context where that is float32)."""
+    dtype = autocast_dtype(device, amp)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _memory_format(ndim: int) -> torch.memory_format:

@@ -24,6 +24,7 @@ import torch
 from embseg.config import ModelConfig, TrainConfig
 from embseg.errors import UserError
 from embseg.model import Model, build_network, select_device
+from embseg.predict import autocast_dtype
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "log.csv"
@@ -460,16 +461,11 @@ def train(
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     device = dist.device if dist is not None else select_device(config.device)
-    use_amp = bool(config.amp and device.type == "cuda")
-    autocast_dtype = torch.float16
-    if device.type == "cpu" and config.cpu_amp:
-        from embseg.predict import cpu_bf16_supported
-
-        use_amp = cpu_bf16_supported()  # bfloat16 where the CPU computes it natively, else float32
-        autocast_dtype = torch.bfloat16
-        if not use_amp and main:
-            print("cpu_amp: this CPU does not compute bfloat16 natively (no AMX / AVX512-BF16); "
-                  "training in float32", file=sys.stderr)
+    # float16 on CUDA (config.amp), bfloat16 on a CPU that computes it natively (config.cpu_amp)
+    amp_dtype = autocast_dtype(device, config.amp if device.type == "cuda" else config.cpu_amp)
+    if device.type == "cpu" and config.cpu_amp and amp_dtype is None and main:
+        print("cpu_amp: this CPU does not compute bfloat16 natively (no AMX / AVX512-BF16); "
+              "training in float32", file=sys.stderr)
     if device.type == "cpu":  # the compiled loss: compiled (first run) or loaded while data loads
         loss_kernel.warm_up_in_background()
 
@@ -482,8 +478,8 @@ def train(
     if len(crop) != data.ndim:
         raise UserError(f"config: crop_size {list(crop)} must have {data.ndim} values for {data.ndim}D data")
     model_config.crop_size = list(crop)
-    model_config.training["precision"] = (("float16" if device.type == "cuda" else "bfloat16") + " autocast"
-                                          if use_amp else "float32")
+    model_config.training["precision"] = (f"{str(amp_dtype).removeprefix('torch.')} autocast"
+                                          if amp_dtype is not None else "float32")
     fg_weight = config.fg_weight if config.fg_weight is not None else float(data.properties["fg_weight"])
     spacing = tuple(s / model_config.grid_step[-1] for s in model_config.grid_step)
     crops = TrainingCrops(data.train_images, data.train_masks, crop_size=crop,
@@ -504,7 +500,7 @@ def train(
     net = net.to(memory_format=memory_format)
     optimizer = make_optimizer(net, config.lr, config.weight_decay, device)
     average = make_weight_average(net, config.ema_decay)
-    scaler = torch.amp.GradScaler("cuda") if use_amp and device.type == "cuda" else None  # bf16: no scaling
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None  # bfloat16: no scaling
     step_t = torch.tensor(model_config.grid_step, dtype=torch.float32)
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best": -1.0, "elapsed_s": 0.0,
@@ -565,7 +561,7 @@ def train(
             centers = batch["centers"].to(device, non_blocking=True)
             accumulating = (i + 1) % config.virtual_batch != 0
             with ddp.no_sync(train_net, accumulating):
-                with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=use_amp):
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     raw = train_net(image)
                 loss, parts = spatial_embedding_loss(raw.float(), instances, centers, step_t.to(device),
                                                      fg_weight=fg_weight, w_inst=config.w_inst,
