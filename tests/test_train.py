@@ -266,3 +266,59 @@ def test_cpu_amp_trains_in_bfloat16_only_where_the_cpu_computes_it(tmp_path, mon
     dtypes.clear()
     train(_tiny_config(images, masks, tmp_path / "off", epochs=1), progress=False)
     assert dtypes[:2] == [torch.float32] * 2  # off by default
+
+
+def write_volumes(root: Path, n: int, seed: int) -> tuple[Path, Path]:
+    """``n`` 16×32×32 volumes with four balls each (uint8 images, uint16 labels)."""
+    rng = np.random.default_rng(seed)
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    zz, yy, xx = np.indices((16, 32, 32))
+    for i in range(n):
+        labels = np.zeros((16, 32, 32), np.uint16)
+        for k, (cz, cy, cx) in enumerate([(5, 8, 8), (10, 22, 10), (6, 10, 22), (10, 23, 23)]):
+            cy, cx = cy + int(rng.integers(-2, 3)), cx + int(rng.integers(-2, 3))
+            labels[(zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = k + 1
+        image = (labels > 0) * 170 + rng.integers(0, 40, labels.shape)
+        tifffile.imwrite(images / f"v{i}.tif", image.astype(np.uint8), metadata={"axes": "ZYX"})
+        tifffile.imwrite(masks / f"v{i}.tif", labels, metadata={"axes": "ZYX"})
+    return images, masks
+
+
+def test_3d_training_end_to_end_in_the_cpu_training_layout(tmp_path, monkeypatch):
+    """`train` on 3D volumes runs the network in channels-last-3d memory on the CPU (weights and
+    batches, what `training_memory_format` says), saves a model that predicts one label volume
+    per input, and the layout rule is channels-last on the CPU in 2D and 3D, default on CUDA."""
+    import embseg.training
+    from embseg.model import load_model
+    from embseg.training import train, training_memory_format
+
+    assert training_memory_format("cpu", 2) == torch.channels_last
+    assert training_memory_format("cpu", 3) == torch.channels_last_3d
+    assert training_memory_format("cuda", 3) == torch.contiguous_format
+    layouts = []
+
+    def recording_network(config):
+        net = build_network(config)
+        cl = torch.channels_last_3d
+        block = net.encoder.layers[2]  # the first 64-channel residual block
+
+        def record(module, inputs, output):
+            if module.training:
+                layouts.append((output.is_contiguous(memory_format=cl) and not output.is_contiguous(),
+                                module.convs1[0].weight.is_contiguous(memory_format=cl)))
+        block.register_forward_hook(record)
+        return net
+
+    monkeypatch.setattr(embseg.training, "build_network", recording_network)
+    images, masks = write_volumes(tmp_path / "train", n=3, seed=0)
+    model = train(_tiny_config(images, masks, tmp_path / "run", crop_size=[16, 32, 32], batch_size=2,
+                               samples_per_epoch=4, epochs=2, ndim=3), progress=False)
+    assert layouts and all(x and w for x, w in layouts), layouts
+    log = (tmp_path / "run" / "log.csv").read_text().strip().splitlines()
+    assert len(log) == 3 and all(np.isfinite(float(row.split(",")[3])) for row in log[1:])
+    loaded = load_model(tmp_path / "run")
+    assert loaded.config.ndim == model.config.ndim == 3
+    labels = loaded.predict(read_image(images / "v0.tif", ndim=3)[0])
+    assert labels.shape == (16, 32, 32) and np.issubdtype(labels.dtype, np.integer)

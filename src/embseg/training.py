@@ -180,12 +180,12 @@ def _jsonable(value: Any) -> Any:
 def training_memory_format(device: torch.device | str, ndim: int) -> torch.memory_format:
     """Layout of the network's weights and input batches during training.
 
-    Channels-last on the CPU in 2D (oneDNN's preferred layout: ~8 % off a 16x96² training
-    step, ``benchmarks/RESULTS.md``); the default layout elsewhere (in 3D on the CPU it was
-    measured no faster).
+    Channels-last on the CPU (oneDNN's preferred layout: ~8 % off a 16x96² 2D training step, and
+    ~12 % off a 2x32x96² 3D step since the 3D convolutions call oneDNN directly,
+    ``benchmarks/RESULTS.md``); the default layout elsewhere.
     """
-    if torch.device(device).type == "cpu" and ndim == 2:
-        return torch.channels_last
+    if torch.device(device).type == "cpu":
+        return torch.channels_last if ndim == 2 else torch.channels_last_3d
     return torch.contiguous_format
 
 
