@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from embseg.fold import fold_batchnorm
-from embseg.net import BranchedERFNet, receptive_field_halo, receptive_field_radius
+from embseg.net import (
+    BranchedERFNet,
+    Downsampler,
+    NonBottleneck1d,
+    Upsampler,
+    receptive_field_halo,
+    receptive_field_radius,
+)
 
 torch.set_num_threads(1)
 
@@ -290,15 +297,17 @@ def test_network_made_in_inference_mode_is_folded_every_call():
     torch.testing.assert_close(raw, expected, rtol=1e-4, atol=1e-5)
 
 
-def _conv_outputs(net: nn.Module, x: torch.Tensor) -> tuple[list[str], list[torch.Tensor], torch.Tensor]:
-    """Class names and outputs of the (transposed) 3D convolutions ``net`` runs on ``x``, and its output."""
+def _block_outputs(net: nn.Module, x: torch.Tensor) -> tuple[list[str], list[torch.Tensor], torch.Tensor]:
+    """Class names and outputs of the blocks (downsamplers, residual blocks, upsamplers) and
+    of any (transposed) 3D convolution called as a module that ``net`` runs on ``x``, and its output."""
     names, outputs = [], []
 
     def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         names.append(type(module).__name__)
         outputs.append(out)
 
-    hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    kinds = (nn.Conv3d, nn.ConvTranspose3d, NonBottleneck1d, Downsampler, Upsampler)
+    hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, kinds)]
     try:
         with torch.inference_mode():
             out = net(x)
@@ -311,8 +320,9 @@ def _conv_outputs(net: nn.Module, x: torch.Tensor) -> tuple[list[str], list[torc
 def test_inference_copy_runs_3d_convolutions_by_onednn_and_keeps_channels_last():
     """A thin 3D volume, batch of one: torch's size rule would take its slow kernels for the
     coarse layers (and lose the channels-last layout there); the inference copy calls oneDNN,
-    gives the eval network's outputs, and every convolution runs channels-last."""
-    from embseg.fold import _transpose_op, folded_for_inference
+    with the ReLUs and residual adds as post-ops, gives the eval network's outputs, and every
+    block runs channels-last (the output is one contiguous map)."""
+    from embseg.fold import _pointwise_ops, _transpose_op, folded_for_inference
 
     torch.manual_seed(3)
     net = _with_batch_statistics(BranchedERFNet(3))
@@ -324,9 +334,11 @@ def test_inference_copy_runs_3d_convolutions_by_onednn_and_keeps_channels_last()
         expected = net(x)
     cl = torch.channels_last_3d
     fused = folded_for_inference(net, "cpu", cl)
-    names, outputs, out = _conv_outputs(fused, x.contiguous(memory_format=cl))
-    assert {"Conv3d", "AxisConv3d", "_OneDNNConvTranspose3d"} <= set(names)
-    assert all(t.is_contiguous(memory_format=cl) for t in outputs)
+    names, outputs, out = _block_outputs(fused, x.contiguous(memory_format=cl))
+    assert {"_FusedDownsampler", "_FusedNonBottleneck1d", "_FusedUpsampler"} <= set(names), set(names)
+    assert len(outputs) == 3 + 13 + 2 * (2 + 4)  # every block, no convolution called as a module
+    assert all(t.is_contiguous(memory_format=cl) and not t.is_contiguous() for t in outputs)
+    assert out.is_contiguous() and type(fused).__name__ == "_DirectOutputERFNet"
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert expected.abs().max() > 0.1
     from torch.profiler import ProfilerActivity, profile
@@ -335,6 +347,9 @@ def test_inference_copy_runs_3d_convolutions_by_onednn_and_keeps_channels_last()
         fused(x.contiguous(memory_format=cl))
     ops = {e.key for e in prof.key_averages()}
     assert not any(op.startswith("aten::slow_conv") for op in ops), sorted(ops)
+    assert {"mkldnn::_convolution_pointwise", "mkldnn::_convolution_transpose_pointwise"} <= ops, sorted(ops)
+    relus = sum(e.count for e in prof.key_averages() if e.key in ("aten::relu_", "aten::relu"))
+    assert relus == 3  # only on the downsamplers' max-pool channels; the others are post-ops
     with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
         fold_batchnorm(net).to(memory_format=cl)(x.contiguous(memory_format=cl))  # torch's own choice
     assert any(e.key.startswith("aten::slow_conv") for e in prof.key_averages())  # what it avoids
@@ -342,16 +357,37 @@ def test_inference_copy_runs_3d_convolutions_by_onednn_and_keeps_channels_last()
     plain = folded_for_inference(net, "cpu")
     with torch.inference_mode():
         torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-5)
-    if torch.__version__.startswith("2.13"):  # the build the project pins has the operator
-        assert _transpose_op() is not None
+    if torch.__version__.startswith("2.13"):  # the build the project pins has the operators
+        assert _transpose_op() is not None and _pointwise_ops() is not None
     # Under CPU autocast the copy takes torch's own path too (the direct calls would bypass it).
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert fused(torch.randn(1, 1, 8, 16, 16).contiguous(memory_format=cl)).dtype == torch.bfloat16
     # The original network is untouched, and with autograd on the copy takes torch's own path.
-    assert not any(type(m).__name__.startswith("_OneDNN") for m in net.modules())
+    assert not any(type(m).__name__.startswith(("_OneDNN", "_Fused", "_Direct")) for m in net.modules())
     y = torch.randn(1, 1, 16, 16, 16, requires_grad=True)
     fused(y.contiguous(memory_format=cl)).sum().backward()
     assert y.grad is not None and torch.isfinite(y.grad).all()
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_transposed_stride2_into_equals_the_transposed_convolution(ndim):
+    """The decoders' final transposed convolution (kernel 2, stride 2) as one matrix product
+    written into a channel slice of a contiguous map equals torch's, for channels-last and
+    contiguous inputs and a batch of two; the rest of the map is untouched."""
+    from embseg.fold import transposed_stride2_into
+
+    torch.manual_seed(ndim)
+    conv = (nn.ConvTranspose2d if ndim == 2 else nn.ConvTranspose3d)(16, 3, 2, stride=2)
+    spatial = (5, 6, 7)[-ndim:]
+    fmt = torch.channels_last if ndim == 2 else torch.channels_last_3d
+    for layout in (fmt, torch.contiguous_format):
+        x = torch.randn(2, 16, *spatial).contiguous(memory_format=layout)
+        out = torch.full((2, 5, *(2 * s for s in spatial)), 7.0)
+        with torch.no_grad():
+            transposed_stride2_into(conv, x, out[:, 1:4])
+            want = conv(x)
+        torch.testing.assert_close(out[:, 1:4], want, rtol=1e-5, atol=1e-6)
+        assert (out[:, 0] == 7).all() and (out[:, 4] == 7).all()
 
 
 def test_3d_training_of_one_crop_calls_onednn_with_the_same_gradients(monkeypatch):

@@ -3,7 +3,8 @@
 In eval mode a batch norm is a fixed per-channel affine map, and each one in the network
 follows a (transposed) convolution, so it can be folded into that convolution's weights and
 bias. Prediction (:mod:`embseg.predict`) runs such a copy. On the CPU, its 3D (transposed)
-convolutions call oneDNN directly (:func:`use_onednn_3d`).
+convolutions call oneDNN directly, with the ReLUs and residual adds that follow them as oneDNN
+post-ops (:func:`use_onednn_3d`).
 """
 
 from __future__ import annotations
@@ -134,17 +135,191 @@ def _transpose_op():
         return None
 
 
-def use_onednn_3d(net: nn.Module) -> nn.Module:
-    """Make the 3D transposed convolutions of an inference network call oneDNN directly on the
-    CPU (float32, autograd off); everywhere else they run as before (its other convolutions do
-    so themselves, :class:`embseg.net.Conv3d`). In place; returns ``net``.
+@functools.cache
+def _pointwise_ops() -> tuple | None:
+    """oneDNN's convolution with a ReLU post-op and with a residual-add + ReLU post-op
+    (``torch.ops.mkldnn._convolution_pointwise`` and its ``.binary`` overload, internal operators
+    of torch's compiler), or None when this build lacks them or they do not give
+    ``relu(conv3d(x) [+ other])`` on a probe."""
+    try:
+        unary = torch.ops.mkldnn._convolution_pointwise.default
+        binary = torch.ops.mkldnn._convolution_pointwise.binary
+        gen = torch.Generator().manual_seed(0)
+        cl = torch.channels_last_3d
+        x = (torch.rand(1, 4, 3, 5, 4, generator=gen) - 0.5).contiguous(memory_format=cl)
+        other = (torch.rand(1, 3, 3, 5, 4, generator=gen) - 0.5).contiguous(memory_format=cl)
+        w = (torch.rand(3, 4, 3, 1, 1, generator=gen) - 0.5).contiguous(memory_format=cl)
+        b = torch.rand(3, generator=gen) - 0.5
+        with torch.no_grad():
+            conv = nn.functional.conv3d(x, w, b, padding=(1, 0, 0))
+            got = unary(x, w, b, [1, 0, 0], [1, 1, 1], [1, 1, 1], 1, "relu", [], "")
+            got_sum = binary(x, other, w, b, [1, 0, 0], [1, 1, 1], [1, 1, 1], 1, "add", 1.0, "relu", [], "")
+        ok = torch.allclose(got, conv.relu(), atol=1e-5) and torch.allclose(got_sum, (conv + other).relu(), atol=1e-5)
+        return (unary, binary) if ok else None
+    except (AttributeError, RuntimeError):
+        return None
 
-    Same parameters, state dict and results (to float rounding, ≈ 1e-6): only the kernel choice
-    changes, for the layers where torch's size rule would take its slow reference kernels.
+
+def _conv_args(conv: nn.Module) -> tuple:
+    return conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+
+
+def _conv_relu(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``relu(conv(x))`` in one oneDNN call."""
+    x = weight_layout(x, conv.weight)
+    return _pointwise_ops()[0](x, *_conv_args(conv), "relu", [], "")
+
+
+def _conv_add_relu(conv: nn.Module, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``relu(conv(x) + other)`` in one oneDNN call."""
+    x = weight_layout(x, conv.weight)
+    return _pointwise_ops()[1](x, weight_layout(other, conv.weight), *_conv_args(conv), "add", 1.0, "relu", [], "")
+
+
+def _fuses(x: torch.Tensor, conv: nn.Module) -> bool:
+    """Whether the post-op forms below apply: a 5-D input where oneDNN is called directly
+    (:func:`embseg.net.onednn_applies`), autograd off, and this build has the operators."""
+    return (x.dim() == 5 and not torch.is_grad_enabled() and onednn_applies(x, conv)
+            and _pointwise_ops() is not None)
+
+
+class _FusedNonBottleneck1d(NonBottleneck1d):
+    """A folded residual block (batch norms already in the convolutions, eval mode) whose
+    ReLUs and final residual add + ReLU run as post-ops of the convolution before them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not _fuses(x, self.convs1[0]):
+            return super().forward(x)
+        y = x
+        for conv in [*self.convs1, *self.convs2[:-1]]:
+            y = _conv_relu(conv, y)
+        return _conv_add_relu(self.convs2[-1], y, x)
+
+
+class _FusedDownsampler(Downsampler):
+    """A folded downsampler whose ReLU runs as the strided convolution's post-op (and on the
+    max-pool channels, which ReLU does not mix with the others, separately)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not _fuses(x, self.conv):
+            return super().forward(x)
+        y = _conv_relu(self.conv, x)
+        if self.pool is not None:
+            parts = [y, self.pool(x).relu_()]
+            # Into the convolution's layout (a one-channel input's max-pool is both layouts at
+            # once, and torch.cat would then make the whole output contiguous).
+            shape = (y.shape[0], y.shape[1] + parts[1].shape[1], *y.shape[2:])
+            cl = torch.channels_last_3d
+            layout = cl if y.is_contiguous(memory_format=cl) else torch.contiguous_format
+            y = torch.cat(parts, dim=1, out=torch.empty(shape, dtype=y.dtype).contiguous(memory_format=layout))
+        return y
+
+
+class _FusedUpsampler(Upsampler):
+    """A folded upsampler whose ReLU runs as the transposed convolution's post-op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = _transpose_op()
+        conv = self.conv
+        if self.training or op is None or not _fuses(x, conv):
+            return super().forward(x)
+        return op(weight_layout(x, conv.weight), conv.weight, conv.bias, list(conv.padding),
+                  list(conv.output_padding), list(conv.stride), list(conv.dilation), conv.groups, "relu", [], "")
+
+
+_FUSED = {NonBottleneck1d: _FusedNonBottleneck1d, Downsampler: _FusedDownsampler, Upsampler: _FusedUpsampler}
+
+
+def use_onednn_3d(net: nn.Module) -> nn.Module:
+    """Make the 3D transposed convolutions of a folded inference network (:func:`fold_batchnorm`)
+    call oneDNN directly on the CPU (float32, autograd off), and its ReLUs and residual adds run
+    as oneDNN post-ops of the (transposed) convolution before them; everywhere else they run as
+    before (its other convolutions call oneDNN themselves, :class:`embseg.net.Conv3d`). In place;
+    returns ``net``.
+
+    Same parameters, state dict and results (to float rounding, ≈ 1e-6): the kernel choice
+    changes for the layers where torch's size rule would take its slow reference kernels, and
+    the post-ops save a pass over each activation (≈ 10 % of a 3D prediction,
+    ``benchmarks/RESULTS.md``). 2D networks are left as they are (the post-ops were measured no
+    faster there).
     """
     for module in net.modules():
         if type(module) is nn.ConvTranspose3d:
             module.__class__ = _OneDNNConvTranspose3d
+    for module in net.modules():
+        fused = _FUSED.get(type(module))
+        conv = getattr(module, "conv", None) or getattr(module, "convs1", [None])[0]
+        if fused is not None and isinstance(conv, (nn.Conv3d, nn.ConvTranspose3d)):
+            norms = [getattr(module, name, None) for name in ("bn", "bn1", "bn2")]
+            if all(n is None or isinstance(n, nn.Identity) for n in norms):  # folded
+                module.__class__ = fused
+    return net
+
+
+def transposed_stride2_into(conv: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+    """Write ``conv(x)`` into ``out`` for a transposed convolution of kernel 2 and stride 2 (no
+    padding, dilation or groups), as one matrix product.
+
+    Each input pixel then feeds its own 2×…×2 block of output pixels: ``(C_out · 2^D, C_in)``
+    weights times the ``(C_in, pixels)`` input give every block at once, and one strided copy
+    puts them in place. For a channels-last ``x`` the product reads it as it lies, and ``out``
+    may be any view (a channel slice of a contiguous map): no concatenation and no layout
+    conversion of the full-resolution output afterwards. Same sums as the convolution.
+
+    Parameters
+    ----------
+    conv
+        A :class:`torch.nn.ConvTranspose2d` / ``3d`` with ``kernel_size=2, stride=2``.
+    x
+        ``(B, C_in, *S)``.
+    out
+        ``(B, C_out, *(2 * S))``, written in place.
+    """
+    ndim = x.dim() - 2
+    b, c_in, *spatial = x.shape
+    c_out, k = conv.out_channels, 2**ndim
+    weight = conv.weight.reshape(c_in, c_out * k).t()  # rows: (channel, offset per axis)
+    pixels = x.permute(0, *range(2, ndim + 2), 1).reshape(-1, c_in)  # a view when channels-last
+    blocks = torch.mm(weight, pixels.t()).view(c_out, *[2] * ndim, b, *spatial)  # (c_out·k, B·S)
+    # out[b, c, 2i + di, 2j + dj, ...] = blocks[c, di, dj, ..., b, i, j, ...] + bias[c]: the
+    # bias is added in the same pass that puts the blocks in place.
+    order = [ndim + 1, 0] + [a for i in range(ndim) for a in (ndim + 2 + i, 1 + i)]
+    split = [b, c_out] + [n for s in spatial for n in (s, 2)]
+    torch.add(blocks.permute(order), conv.bias.view(1, c_out, *[1] * (2 * ndim)), out=out.view(split))
+
+
+def _direct_output(conv: nn.Module) -> bool:
+    return (tuple(conv.kernel_size) == tuple(conv.stride) == (2,) * len(conv.kernel_size)
+            and not any(conv.padding) and not any(conv.output_padding) and conv.groups == 1
+            and all(d == 1 for d in conv.dilation) and conv.bias is not None)
+
+
+class _DirectOutputERFNet(BranchedERFNet):
+    """A folded network whose two decoders write their final transposed convolutions straight
+    into one contiguous output (:func:`transposed_stride2_into`) instead of concatenating two
+    channels-last maps and converting the result: on the CPU (float32, autograd off) ≈ 60 ms of
+    a 3D prediction of 3 M voxels (``benchmarks/RESULTS.md``). The output is the same, contiguous."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = [d.output_conv for d in self.decoders]
+        if self.training or torch.is_grad_enabled() or not onednn_applies(x, heads[0]):
+            return super().forward(x)
+        self.check_input(x)
+        features = self.encoder(x)
+        out = torch.empty((x.shape[0], sum(self.out_channels), *x.shape[2:]), dtype=x.dtype, device=x.device)
+        start = 0
+        for decoder, head in zip(self.decoders, heads, strict=True):
+            transposed_stride2_into(head, decoder.layers(features), out[:, start : start + head.out_channels])
+            start += head.out_channels
+        return out
+
+
+def direct_output(net: nn.Module) -> nn.Module:
+    """Make a folded inference :class:`~embseg.net.BranchedERFNet` write its output as
+    :class:`_DirectOutputERFNet` does (on the CPU; elsewhere it runs as before). In place;
+    returns ``net``."""
+    if type(net) is BranchedERFNet and all(_direct_output(d.output_conv) for d in net.decoders):
+        net.__class__ = _DirectOutputERFNet
     return net
 
 
@@ -183,7 +358,7 @@ def folded_for_inference(
     if memory_format != torch.contiguous_format:
         fused = fused.to(memory_format=memory_format)
     if device.type == "cpu":
-        use_onednn_3d(fused)
+        direct_output(use_onednn_3d(fused))
     if key is not None:
         _FOLDED[net] = (key, fused)
     return fused

@@ -318,6 +318,12 @@ class BranchedERFNet(nn.Module):
             If the input is not ``(B, in_channels, *S)`` with ``ndim`` spatial axes, each a
             multiple of 8.
         """
+        self.check_input(x)
+        features = self.encoder(x)
+        return torch.cat([d(features) for d in self.decoders], dim=1)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise the :meth:`forward` errors for an input of the wrong shape."""
         if x.dim() != self.ndim + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected input (B, {self.in_channels}, {', '.join('S' * self.ndim)}), got {tuple(x.shape)}"
@@ -325,8 +331,6 @@ class BranchedERFNet(nn.Module):
         spatial = tuple(x.shape[2:])
         if any(s % STRIDE for s in spatial):
             raise ValueError(f"spatial size {spatial} must be a multiple of {STRIDE} on every axis (pad first)")
-        features = self.encoder(x)
-        return torch.cat([d(features) for d in self.decoders], dim=1)
 
 
 def _layer_footprints() -> list[tuple[str, int]]:

@@ -190,11 +190,14 @@ def _tile_outputs(
     device: torch.device,
     progress: bool,
     channels_last: bool = False,
+    copy_cores: bool = True,
 ) -> Iterator[tuple[Tile, torch.Tensor]]:
     """Raw outputs on each tile core (CPU float32), averaged over ``transforms``.
 
     Consecutive inputs of equal shape (variants of a tile, or tiles) share one forward pass
-    of at most ``batch_size``; only the tiles of the current batch are held in memory.
+    of at most ``batch_size``; only the tiles of the current batch are held in memory. With
+    ``copy_cores=False`` the cores are views of the batch's outputs (no copy; for a caller that
+    copies each one away before asking for the next).
     """
     ndim = len(tiles[0].core)
     n_channels = n_output_channels(ndim)
@@ -224,7 +227,8 @@ def _tile_outputs(
                 mean = entry.pop(0)
                 if len(transforms) > 1:
                     mean = mean / len(transforms)
-                done.append((tile, mean[(slice(None), *tile.core_in_padded)].contiguous().cpu()))
+                core = mean[(slice(None), *tile.core_in_padded)]
+                done.append((tile, core.contiguous().cpu() if copy_cores else core.cpu()))
                 del mean
         batch.clear()
         return done
@@ -304,9 +308,10 @@ def predict_raw(
     out = torch.empty((n_output_channels(ndim), *spatial), dtype=torch.float32)
     with _inference(net, device, amp, ndim, channels_last) as run:
         for tile, raw in _tile_outputs(
-            run, image, tiles, transforms, batch_size, device, progress, channels_last
+            run, image, tiles, transforms, batch_size, device, progress, channels_last, copy_cores=False
         ):
-            out[(slice(None), *tile.core)] = raw
+            out[(slice(None), *tile.core)] = raw  # the one copy of each core
+            del raw
     return out
 
 
