@@ -12,12 +12,16 @@
     .venv/bin/python benchmarks/ab_same_process.py loss-backend-3d # loss: torch operators vs the compiled kernel (also -2d)
     .venv/bin/python benchmarks/ab_same_process.py predict-bf16-3d # trained-model prediction, float32 vs amp=True (also -2d)
     .venv/bin/python benchmarks/ab_same_process.py train-bf16-3d   # training step, float32 vs cpu_amp (bfloat16; also -2d)
+    .venv/bin/python benchmarks/ab_same_process.py train-layout-3d # training step, contiguous vs channels-last (also -2d)
+    .venv/bin/python benchmarks/ab_same_process.py predict-fused-3d # trained-model prediction: the ninth pass's inference
+                                                                    # copy / + post-ops / + direct output (also -2d)
 
 Uses the inputs built by ``run.py`` (``benchmarks/_work/inputs/full``). Each variant's output is
 checked equal to the other's (``onednn-3d``: to float rounding, other kernels; ``train-onednn-3d``: to
 1e-3 of the output's range, batch-norm batch statistics at random init amplify the rounding;
 ``loss-backend-*``: to 1e-4, float32 against float64 arithmetic; ``predict-bf16-*``: labels matched
-at IoU 0.5 with F1 >= 0.99, bfloat16 is not float32; ``train-bf16-*``: the last losses within 5 %). Small changes drown in the machine's load swings between runs;
+at IoU 0.5 with F1 >= 0.99, bfloat16 is not float32; ``train-bf16-*``: the last losses within 5 %;
+``train-layout-*``: the first step's losses to 1e-5, the layouts round differently). Small changes drown in the machine's load swings between runs;
 alternating the variants within one process compares them under the same load.
 """
 
@@ -240,6 +244,73 @@ def _predict_bf16_variants(ndim: str):
                  }, time.perf_counter
 
 
+def _train_layout_variants(ndim: str):
+    """One training step (network, loss, Adam) on the train_step_* inputs with the weights and
+    batches contiguous and channels-last (``embseg.training.training_memory_format``); each
+    variant steps its own copy of the same start (the last losses compared: close, not equal)."""
+    import embseg.training as training
+
+    folder = HERE / "_work" / "inputs" / "full" / f"train_step_{ndim}"
+    meta = json.loads((folder / "meta.json").read_text())
+    layouts = {"contiguous": torch.contiguous_format,
+               "channels-last": torch.channels_last if ndim == "2d" else torch.channels_last_3d}
+    original = training.training_memory_format
+    steps = {}
+    for name, layout in layouts.items():
+        training.training_memory_format = lambda device, n, layout=layout: layout
+        torch.manual_seed(0)
+        steps[name] = worker.bench_train_step("ours", folder, meta)[0]
+    training.training_memory_format = original
+    current: dict = {}
+    count = dict.fromkeys(steps, 0)
+    losses: dict = {name: [] for name in steps}
+
+    def run():
+        # The first losses (the same weights and dropout masks) are compared; later ones drift
+        # apart, as float32 training runs with other rounding do.
+        name = current["name"]
+        count[name] += 1
+        torch.manual_seed(count[name])  # the k-th step of either variant draws the same dropout masks
+        losses[name].append(steps[name]())
+        return np.asarray(losses[name][0])
+
+    return run, {name: (lambda name=name: current.__setitem__("name", name)) for name in steps}, time.perf_counter
+
+
+def _predict_fused_variants(ndim: str):
+    """Trained-model prediction (the predict_*_trained inputs) with the inference copy of the
+    ninth pass (oneDNN direct, no post-ops, the two decoders' outputs concatenated channels-last,
+    each core copied twice), with the ReLUs and residual adds as oneDNN post-ops (3D), and with
+    the decoders' last layers written into one contiguous output as well (as now)."""
+    import embseg.fold as fold
+    import embseg.predict as predict
+
+    folder = HERE / "_work" / "inputs" / "full" / f"predict_{ndim}_trained"
+    meta = json.loads((folder / "meta.json").read_text())
+    run, _ = worker.bench_predict("ours", folder, meta, False)
+    fused, direct, tile_outputs = fold._FUSED, fold.direct_output, predict._tile_outputs
+
+    def copied_twice(*args, **kwargs):
+        kwargs["copy_cores"] = True
+        return tile_outputs(*args, **kwargs)
+
+    def variant(post_ops: bool, direct_output: bool):
+        cache = type(fold._FOLDED)()
+
+        def switch():
+            fold._FOLDED = cache  # each variant keeps its own inference copy between calls
+            fold._FUSED = fused if post_ops else {}
+            fold.direct_output = direct if direct_output else (lambda net: net)
+            predict._tile_outputs = tile_outputs if direct_output else copied_twice
+        return switch
+
+    variants = {"ninth pass": variant(False, False)}
+    if ndim == "3d":
+        variants["+ post-ops"] = variant(True, False)
+    variants["+ direct output (now)"] = variant(True, True)
+    return run, variants, time.perf_counter
+
+
 def _variants(name: str, shape: tuple[int, ...], wider: float):
     if name == "onednn-3d":
         return _onednn_variants(shape)
@@ -249,6 +320,10 @@ def _variants(name: str, shape: tuple[int, ...], wider: float):
         return _cluster_scan_variants(wider)
     if name.startswith("train-bf16"):
         return _train_bf16_variants(name.removeprefix("train-bf16-"))
+    if name.startswith("train-layout"):
+        return _train_layout_variants(name.removeprefix("train-layout-"))
+    if name.startswith("predict-fused"):
+        return _predict_fused_variants(name.removeprefix("predict-fused-"))
     if name.startswith("predict-bf16"):
         return _predict_bf16_variants(name.removeprefix("predict-bf16-"))
     if name.startswith("loss-backend"):
@@ -277,7 +352,8 @@ def main() -> None:
     parser.add_argument("what", choices=("cluster-trees", "medoid-groups", "predict-2d", "predict-3d", "train-relu-2d",
                                          "train-relu-3d", "onednn-3d", "train-onednn-3d", "cluster-scan", "loss-backend-2d",
                                          "loss-backend-3d", "predict-bf16-2d", "predict-bf16-3d", "train-bf16-2d",
-                                         "train-bf16-3d"))
+                                         "train-bf16-3d", "train-layout-2d", "train-layout-3d", "predict-fused-2d",
+                                         "predict-fused-3d"))
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--shape", default="32,96,96", help="onednn-3d: the volume (Z,Y,X)")
     parser.add_argument("--wider", type=float, default=0.0,
@@ -307,6 +383,9 @@ def main() -> None:
     elif args.what.startswith("train-bf16"):  # bfloat16: the losses close, not equal
         same = all(np.isclose(outputs[names[0]], outputs[n], rtol=0.05) for n in names[1:])
         print("last losses: " + ", ".join(f"{n} {float(outputs[n]):.4f}" for n in names))
+    elif args.what.startswith("train-layout"):  # the first step's losses: the layouts round differently
+        same = all(np.isclose(outputs[names[0]], outputs[n], rtol=1e-5) for n in names[1:])
+        print("first losses: " + ", ".join(f"{n} {float(outputs[n]):.6f}" for n in names))
     elif args.what.startswith("loss-backend"):  # float32 (torch) against float64 arithmetic (kernel)
         same = all(np.isclose(outputs[names[0]], outputs[n], rtol=1e-4) for n in names[1:])
     elif args.what == "train-onednn-3d":  # batch statistics at random init amplify rounding
