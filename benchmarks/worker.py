@@ -266,8 +266,11 @@ def bench_train_step(impl: str, folder: Path, meta: dict, bf16: bool = False):
     if impl == "ref":
         params = [p for p in net.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=meta["lr"], weight_decay=meta["weight_decay"])
-    else:  # what embseg.training.train does: its layout and optimizer
+    else:  # what embseg.training.train does: its layout, optimizer and malloc thresholds
+        from embseg.allocator import reuse_freed_memory
         from embseg.training import make_optimizer, training_memory_format
+
+        reuse_freed_memory()
 
         memory_format = training_memory_format("cpu", ndim)
         net = net.to(memory_format=memory_format)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from embseg.allocator import bound_freed_memory, reuse_freed_memory
 from embseg.cluster import _at_least, _candidates, _geometry, cluster, greedy_labels, seed_map
 from embseg.embedding import n_output_channels
 from embseg.fold import folded_for_inference
@@ -303,6 +304,7 @@ def predict_raw(
         ``(2*ndim+1, *spatial)`` float32 on the CPU.
     """
     device, batch_size, channels_last = _check_args(image, ndim, device, batch_size, channels_last)
+    reuse_freed_memory()  # freed activations stay in the heap for the next layer / call (embseg.allocator)
     tiles, transforms = _plan(image, ndim, tile_shape, halo, tta)
     spatial = tuple(int(n) for n in image.shape[1:])
     out = torch.empty((n_output_channels(ndim), *spatial), dtype=torch.float32)
@@ -447,6 +449,7 @@ def predict_labels_streamed(
     device, batch_size, channels_last = _check_args(image, ndim, device, batch_size, channels_last)
     if len(step) != ndim:
         raise ValueError(f"step has {len(step)} entries for {ndim} spatial axes")
+    bound_freed_memory()  # a memory-bounded route (embseg.allocator)
     tiles, transforms = _plan(image, ndim, tile_shape, halo, tta)
     spatial = tuple(int(n) for n in image.shape[1:])
     seeds = np.zeros(spatial, dtype=np.float32) if return_seeds else None

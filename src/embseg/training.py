@@ -443,10 +443,15 @@ def train(
         checkpoint and the best model are kept).
     data
         Pre-loaded data (skips reading ``config.images``/``config.masks``).
+
+    Notes
+    -----
+    Freed large buffers stay in the process's heap from here on (:mod:`embseg.allocator`).
     """
     from tqdm.auto import tqdm
 
     from embseg import ddp, loss_kernel
+    from embseg.allocator import reuse_freed_memory
     from embseg.data import TrainingCrops
     from embseg.loss import spatial_embedding_loss
 
@@ -540,6 +545,7 @@ def train(
     while epoch < config.epochs and not stop_requested:
         if out_of_time():
             break
+        reuse_freed_memory()  # again after a validation that predicted tile by tile (embseg.allocator)
         shard.set_epoch(epoch)
         generator.manual_seed(config.seed * 100_003 + epoch)
         loader = torch.utils.data.DataLoader(shard, batch_size=config.batch_size, shuffle=False,

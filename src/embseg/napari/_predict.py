@@ -160,12 +160,15 @@ class PredictWidget(WorkerWidget):
 
         @thread_worker
         def segment() -> Any:
+            from embseg.allocator import release_freed_memory
             from embseg.errors import UserError
 
             try:
                 return (yield from steps())
             except UserError as err:  # a user's mistake: a message, not a traceback
                 return ("error", str(err), None)
+            finally:
+                release_freed_memory()  # the viewer does not keep the job's peak (embseg.allocator)
 
         worker = segment()
         self.progress.max = 0  # busy until the number of planes is known

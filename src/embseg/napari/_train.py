@@ -293,6 +293,7 @@ class TrainWidget(WorkerWidget):
 
         @thread_worker
         def run() -> Any:
+            from embseg.allocator import release_freed_memory
             from embseg.training import train
 
             try:
@@ -303,6 +304,7 @@ class TrainWidget(WorkerWidget):
                 return str(err), None
             finally:
                 shutil.rmtree(data_dir, ignore_errors=True)
+                release_freed_memory()  # the viewer does not keep the job's peak (embseg.allocator)
 
         self.progress.max = config.epochs
         self.progress.value = self.rows[-1]["epoch"] if self.rows else 0
