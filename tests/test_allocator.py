@@ -77,7 +77,7 @@ def test_routes_set_their_policy(monkeypatch):
 
     calls = []
     monkeypatch.setattr(allocator, "_set", lambda policy, *args: calls.append(policy) or True)
-    monkeypatch.setattr(allocator, "_state", {"policy": "reuse"})
+    monkeypatch.setattr(allocator, "_state", {"policy": "reuse", "bounded": 0})
     net = BranchedERFNet(2).eval()
     image = np.random.default_rng(0).random((1, 32, 32), dtype=np.float32)
     with torch.no_grad():
@@ -86,3 +86,9 @@ def test_routes_set_their_policy(monkeypatch):
         predict_labels_blockwise(net, image, 2, (1 / 1023, 1 / 1023), block_shape=(16, 16), object_halo=4,
                                  context=8)
     assert calls == ["reuse", "bounded", "bounded"]
+    calls.clear()
+    with allocator.bounded_memory():  # what a block's route does around its predict_raw
+        assert not allocator.reuse_freed_memory()
+        predict_raw(net, image, 2)
+    assert calls == ["bounded"] and allocator._state["bounded"] == 0
+    assert allocator.reuse_freed_memory() and calls == ["bounded", "reuse"]

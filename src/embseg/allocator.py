@@ -13,7 +13,7 @@ turn it on: their working set is the same from step to step. The process then ke
 of its largest call (as glibc does for small allocations anyway); :func:`release_freed_memory`
 gives the free pages back (``malloc_trim``), which the napari plugin does when a job ends.
 The memory-bounded routes (tiled prediction that clusters block by block or streams
-candidates) call :func:`bound_freed_memory` instead, glibc's own ceilings: with buffers of every
+candidates, a dask worker's block) run inside :func:`bounded_memory` instead, glibc's own ceilings: with buffers of every
 size in one heap, the holes left between blocks made their peak grow with the volume
 (2.3 GB instead of 1.3 GB of working memory for the 16x volume of the memory benchmark).
 
@@ -23,10 +23,13 @@ musl) nothing changes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
+import threading
+from collections.abc import Iterator
 
 #: ``mallopt`` parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -41,7 +44,8 @@ TRIM_THRESHOLD = 2**31 - 1
 BOUNDED_MMAP_THRESHOLD = 32 << 20
 BOUNDED_TRIM_THRESHOLD = 64 << 20
 
-_state = {"policy": "default"}
+_state = {"policy": "default", "bounded": 0}
+_lock = threading.Lock()
 
 
 @functools.cache
@@ -80,7 +84,10 @@ def reuse_freed_memory() -> bool:
         Whether they are set: False where the C library is not glibc or
         ``EMBSEG_MALLOC=default`` is set.
     """
-    return _set("reuse", MMAP_THRESHOLD, TRIM_THRESHOLD)
+    with _lock:
+        if _state["bounded"]:  # inside a memory-bounded route (:func:`bounded_memory`)
+            return False
+        return _set("reuse", MMAP_THRESHOLD, TRIM_THRESHOLD)
 
 
 def bound_freed_memory() -> None:
@@ -88,8 +95,24 @@ def bound_freed_memory() -> None:
     64 MiB trim), so that buffers above 32 MiB are mapped on their own and unmapped when freed,
     and the free pages the heap holds go back to the kernel. Nothing changes where the
     thresholds were never raised (glibc's dynamic ones stay below these ceilings)."""
-    if _state["policy"] == "reuse" and _set("bounded", BOUNDED_MMAP_THRESHOLD, BOUNDED_TRIM_THRESHOLD):
-        _glibc().malloc_trim(0)
+    with _lock:
+        if _state["policy"] == "reuse" and _set("bounded", BOUNDED_MMAP_THRESHOLD, BOUNDED_TRIM_THRESHOLD):
+            _glibc().malloc_trim(0)
+
+
+@contextlib.contextmanager
+def bounded_memory() -> Iterator[None]:
+    """A memory-bounded route: :func:`bound_freed_memory`, and :func:`reuse_freed_memory` is
+    a no-op until the (outermost) block ends, whatever the route calls inside (a block's
+    ``predict_raw``). The thresholds stay bounded afterwards, until something raises them."""
+    bound_freed_memory()
+    with _lock:
+        _state["bounded"] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["bounded"] -= 1
 
 
 def release_freed_memory() -> None:

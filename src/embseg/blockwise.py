@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from embseg.allocator import bound_freed_memory
+from embseg.allocator import bounded_memory
 from embseg.cluster import cluster, seed_map
 from embseg.distributed import Block, BlockObjects, owned_objects, plan_blocks
 from embseg.predict import TTATransform, _check_args, _inference, _tile_outputs, tta_transforms
@@ -87,6 +87,7 @@ def paste_objects(
     view[mask] = old
 
 
+@bounded_memory()  # a memory-bounded route: glibc's malloc thresholds (embseg.allocator)
 def predict_labels_blockwise(
     net: torch.nn.Module,
     image: np.ndarray,
@@ -133,7 +134,6 @@ def predict_labels_blockwise(
     spatial = tuple(int(n) for n in image.shape[1:])
     if len(spatial) != ndim or len(step) != ndim:
         raise ValueError(f"image of shape {image.shape} and step {list(step)} for {ndim} spatial axes")
-    bound_freed_memory()  # a memory-bounded route (embseg.allocator)
     blocks = plan_blocks(spatial, block_shape, object_halo, context)
     merged = _Merge(spatial)
     seeds = np.zeros(spatial, dtype=np.float32) if return_seeds else None

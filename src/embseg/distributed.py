@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from embseg.allocator import bounded_memory
 from embseg.errors import UserError
 from embseg.tiling import per_axis, tile_grid
 
@@ -331,6 +332,7 @@ def owned_objects(
     )
 
 
+@bounded_memory()  # a memory-bounded route: glibc's malloc thresholds (embseg.allocator)
 def segment_block(model: Any, source: Any, block: Block, settings: BlockSettings) -> BlockObjects:
     """Read, normalise, predict and cluster one block; return the objects it owns."""
     from embseg.cluster import cluster, seed_map

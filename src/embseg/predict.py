@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from embseg.allocator import bound_freed_memory, reuse_freed_memory
+from embseg.allocator import bounded_memory, reuse_freed_memory
 from embseg.cluster import _at_least, _candidates, _geometry, cluster, greedy_labels, seed_map
 from embseg.embedding import n_output_channels
 from embseg.fold import folded_for_inference
@@ -403,6 +403,7 @@ def _pop_concatenate(parts: list[np.ndarray], column_major: bool = False) -> np.
     return out
 
 
+@bounded_memory()  # a memory-bounded route: glibc's malloc thresholds (embseg.allocator)
 def predict_labels_streamed(
     net: torch.nn.Module,
     image: np.ndarray,
@@ -449,7 +450,6 @@ def predict_labels_streamed(
     device, batch_size, channels_last = _check_args(image, ndim, device, batch_size, channels_last)
     if len(step) != ndim:
         raise ValueError(f"step has {len(step)} entries for {ndim} spatial axes")
-    bound_freed_memory()  # a memory-bounded route (embseg.allocator)
     tiles, transforms = _plan(image, ndim, tile_shape, halo, tta)
     spatial = tuple(int(n) for n in image.shape[1:])
     seeds = np.zeros(spatial, dtype=np.float32) if return_seeds else None
