@@ -110,11 +110,17 @@ class _OneDNNConvTranspose3d(nn.ConvTranspose3d):
     float32), when this torch build has the operator (checked once, :func:`_transpose_op`)."""
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        op = _transpose_op()
-        if op is None or output_size is not None or torch.is_grad_enabled() or not onednn_applies(x, self):
+        if _transpose_op() is None or output_size is not None or torch.is_grad_enabled() or not onednn_applies(x, self):
             return super().forward(x, output_size)
-        return op(weight_layout(x, self.weight), self.weight, self.bias, list(self.padding),
-                  list(self.output_padding), list(self.stride), list(self.dilation), self.groups, "none", [], "")
+        return _onednn_transposed(self, x, "none")
+
+
+def _onednn_transposed(conv: nn.Module, x: torch.Tensor, post_op: str) -> torch.Tensor:
+    """oneDNN's transposed convolution of ``x`` with ``conv``'s parameters and a unary post-op
+    (``"none"`` or ``"relu"``); the operator must exist (:func:`_transpose_op`)."""
+    return _transpose_op()(weight_layout(x, conv.weight), conv.weight, conv.bias, list(conv.padding),
+                           list(conv.output_padding), list(conv.stride), list(conv.dilation), conv.groups,
+                           post_op, [], "")
 
 
 @functools.cache
@@ -219,12 +225,9 @@ class _FusedUpsampler(Upsampler):
     """A folded upsampler whose ReLU runs as the transposed convolution's post-op."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = _transpose_op()
-        conv = self.conv
-        if self.training or op is None or not _fuses(x, conv):
+        if self.training or _transpose_op() is None or not _fuses(x, self.conv):
             return super().forward(x)
-        return op(weight_layout(x, conv.weight), conv.weight, conv.bias, list(conv.padding),
-                  list(conv.output_padding), list(conv.stride), list(conv.dilation), conv.groups, "relu", [], "")
+        return _onednn_transposed(self.conv, x, "relu")
 
 
 _FUSED = {NonBottleneck1d: _FusedNonBottleneck1d, Downsampler: _FusedDownsampler, Upsampler: _FusedUpsampler}

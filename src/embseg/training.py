@@ -24,7 +24,7 @@ import torch
 from embseg.config import ModelConfig, TrainConfig
 from embseg.errors import UserError
 from embseg.model import Model, build_network, select_device
-from embseg.predict import autocast_dtype
+from embseg.predict import _memory_format, autocast_dtype
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "log.csv"
@@ -185,7 +185,7 @@ def training_memory_format(device: torch.device | str, ndim: int) -> torch.memor
     ``benchmarks/RESULTS.md``); the default layout elsewhere.
     """
     if torch.device(device).type == "cpu":
-        return torch.channels_last if ndim == 2 else torch.channels_last_3d
+        return _memory_format(ndim)  # the channels-last layout for ndim, as prediction's
     return torch.contiguous_format
 
 
