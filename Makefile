@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,zarr,napari,export
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: setup
 
 bench: setup
 	OMP_NUM_THREADS=2 $(PY) benchmarks/run.py $(BENCH_ARGS)
+
+# GPU figures (training memory, 3D voxels/s) on the CUDA device: benchmarks/gpu.py
+bench-gpu: setup
+	$(PY) benchmarks/gpu.py $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

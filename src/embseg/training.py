@@ -466,6 +466,8 @@ def train(
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     device = dist.device if dist is not None else select_device(config.device)
+    if device.type == "cuda":  # fixed crop shapes: let cuDNN time its algorithms once per shape
+        torch.backends.cudnn.benchmark = True
     # float16 on CUDA (config.amp), bfloat16 on a CPU that computes it natively (config.cpu_amp)
     amp_dtype = autocast_dtype(device, config.amp if device.type == "cuda" else config.cpu_amp)
     if device.type == "cpu" and config.cpu_amp and amp_dtype is None and main:
