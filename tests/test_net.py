@@ -425,3 +425,48 @@ def test_3d_training_of_one_crop_calls_onednn_with_the_same_gradients(monkeypatc
     for a, b in zip(grads[0][1], grads[1][1], strict=True):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * float(b.abs().max()) + 1e-8)
+
+
+@pytest.mark.skipif(not __import__("embseg.net").net.native_bf16(), reason="no native bfloat16 on this CPU")
+def test_3d_convolutions_under_bf16_autocast_call_onednn_like_autocast(monkeypatch):
+    """Under CPU bfloat16 autocast (``cpu_amp`` training, ``--amp`` prediction) the 3D
+    convolutions call oneDNN directly in bfloat16, as autocast casts: bfloat16 outputs, float32
+    weight gradients, close to torch's autocast path (which sends small batches' coarse layers
+    to slower kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import embseg.net
+
+    torch.manual_seed(3)
+    # channels-last, as training on the CPU runs (in the contiguous layout this torch's bfloat16
+    # backward of the dilated axis convolutions gives non-finite weight gradients on both paths)
+    fmt = torch.channels_last_3d
+    net = BranchedERFNet(3).train().to(memory_format=fmt)
+    x = torch.randn(1, 1, 16, 32, 24).contiguous(memory_format=fmt)
+    runs = []
+    for rule in (embseg.net.onednn_autocast_dtype, lambda x, conv: None):
+        monkeypatch.setattr(embseg.net, "onednn_autocast_dtype", rule)
+        net.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = net(x)
+            out.float().square().mean().backward()
+        ops = {e.key for e in prof.key_averages()}
+        runs.append((out.detach().float(), [p.grad for p in net.parameters()], ops, out.dtype))
+    monkeypatch.undo()
+    (direct, grads, ops, dtype), (plain, plain_grads, _, plain_dtype) = runs
+    assert "aten::mkldnn_convolution" in ops
+    assert not any(op.startswith(("aten::slow_conv3d", "aten::slow_conv_dilated3d")) for op in ops), sorted(ops)
+    assert dtype == plain_dtype
+    scale = float(plain.abs().max())
+    assert float((direct - plain).abs().max()) <= 0.05 * scale  # bfloat16: 8 bits of mantissa
+    for a, b in zip(grads, plain_grads, strict=True):
+        if b is not None:
+            assert a.dtype == torch.float32
+            assert float((a - b).norm()) <= 0.1 * float(b.norm()) + 1e-8
+    conv = embseg.net.AxisConv3d(8, 8, (3, 1, 1), padding=(1, 0, 0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert embseg.net.onednn_autocast_dtype(torch.zeros(1, 8, 4, 5, 5), conv) == torch.bfloat16
+        assert embseg.net.onednn_autocast_dtype(torch.zeros(1, 8, 2, 5, 5), conv) is None  # oneDNN's bug
+    assert embseg.net.onednn_autocast_dtype(torch.zeros(1, 8, 4, 5, 5), conv) is None  # no autocast

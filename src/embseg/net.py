@@ -19,6 +19,8 @@ keep a halo of :func:`receptive_field_halo` pixels around their core.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -63,6 +65,52 @@ def onednn_applies(x: torch.Tensor, conv: nn.Module) -> bool:
     )
 
 
+def _cpu_autocast_dtype() -> torch.dtype:
+    try:
+        return torch.get_autocast_dtype("cpu")
+    except (AttributeError, TypeError):  # torch < 2.4
+        return torch.get_autocast_cpu_dtype()
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether oneDNN computes bfloat16 on this CPU with native instructions (AMX or
+    AVX512-BF16, e.g. Intel Xeon since Sapphire Rapids, AMD Zen 4; not AMD Zen 3)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+def onednn_autocast_dtype(x: torch.Tensor, conv: nn.Module) -> torch.dtype | None:
+    """The dtype in which a 3D convolution of ``x`` under CPU autocast should call oneDNN
+    directly (bfloat16, autocast's own choice for convolutions), or None for torch's path.
+
+    As :func:`onednn_applies` for float32: torch's size rule sends a small batch's coarse layers
+    to slower kernels in bfloat16 too; direct calls took a 2x32x96² 3D training step with
+    ``cpu_amp`` from 0.56 to 0.43 s on an AVX512-BF16 CPU (``benchmarks/RESULTS.md``). The
+    casts are autocast's: input, weight and bias to bfloat16, the output bfloat16, the weight's
+    gradient float32.
+    """
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    if not (x.device.type == "cpu" and _cpu_autocast() and x.dtype in (torch.float32, torch.bfloat16)
+            and conv.weight.dtype == torch.float32 and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple)
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not torch.jit.is_tracing() and not (is_compiling is not None and is_compiling())):
+        return None
+    if not native_bf16():  # oneDNN's bfloat16 kernels need AVX512-BF16 / AMX; torch's path otherwise
+        return None
+    # This torch's oneDNN (3.x, torch 2.13, AVX512-BF16) returns non-finite bfloat16 weight gradients
+    # at random for a 3-tap kernel along an axis of size 2 (128 channels: 7 of 12 random trials of
+    # a 2x128x2x8x8 input; none at sizes 1 or 3-12, dilated or not, nor in float32).
+    if any(k > 1 and n <= 2 for k, n in zip(conv.kernel_size, x.shape[2:], strict=False)):
+        return None
+    dtype = _cpu_autocast_dtype()
+    return dtype if dtype == torch.bfloat16 else None
+
+
 def weight_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x`` channels-last when ``weight`` is (a channels-last inference copy): oneDNN follows the
     input's layout, and a downsampler's concatenation with the max-pool of a one-channel input
@@ -73,19 +121,29 @@ def weight_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _onednn_conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    return torch.mkldnn_convolution(weight_layout(x, conv.weight), conv.weight, conv.bias, conv.padding,
+def _onednn_conv3d(conv: nn.Conv3d, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """oneDNN's convolution of ``x`` with ``conv``'s parameters, in ``dtype`` (cast, as autocast
+    would) when given."""
+    weight, bias = conv.weight, conv.bias
+    if dtype is not None:
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return torch.mkldnn_convolution(weight_layout(x, weight), weight, bias, conv.padding,
                                     conv.stride, conv.dilation, conv.groups)
 
 
 class Conv3d(nn.Conv3d):
     """:class:`torch.nn.Conv3d` (same parameters and state dict) that calls oneDNN directly on
-    the CPU (:func:`onednn_applies`), with autograd; elsewhere torch's own path."""
+    the CPU (:func:`onednn_applies`; under bfloat16 autocast :func:`onednn_autocast_dtype`), with
+    autograd; elsewhere torch's own path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if onednn_applies(x, self):
                 return _onednn_conv3d(self, x)
+            dtype = onednn_autocast_dtype(x, self)
+            if dtype is not None:
+                return _onednn_conv3d(self, x, dtype)
         return self._torch_forward(x)
 
     def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:

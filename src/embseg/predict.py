@@ -24,7 +24,7 @@ from embseg.allocator import bounded_memory, reuse_freed_memory
 from embseg.cluster import _at_least, _candidates, _geometry, cluster, greedy_labels, seed_map
 from embseg.embedding import n_output_channels
 from embseg.fold import folded_for_inference
-from embseg.net import BranchedERFNet
+from embseg.net import BranchedERFNet, native_bf16
 from embseg.tiling import Tile, pad_to_multiple, tile_grid
 
 #: Output stride of the network: inputs are padded to multiples of it, tiles aligned to it.
@@ -128,12 +128,8 @@ def tta_transforms(ndim: int) -> list[TTATransform]:
 
 def cpu_bf16_supported() -> bool:
     """Whether oneDNN computes bfloat16 on this CPU with native instructions (AMX or
-    AVX512-BF16, e.g. Intel Xeon since Sapphire Rapids; not AMD Zen 3)."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:
-        return False
+    AVX512-BF16, e.g. Intel Xeon since Sapphire Rapids, AMD Zen 4; not AMD Zen 3)."""
+    return native_bf16()
 
 
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
