@@ -12,6 +12,7 @@
     .venv/bin/python benchmarks/ab_same_process.py loss-backend-3d # loss: torch operators vs the compiled kernel (also -2d)
     .venv/bin/python benchmarks/ab_same_process.py predict-bf16-3d # trained-model prediction, float32 vs amp=True (also -2d)
     .venv/bin/python benchmarks/ab_same_process.py train-bf16-3d   # training step, float32 vs cpu_amp (bfloat16; also -2d)
+    .venv/bin/python benchmarks/ab_same_process.py train-bf16-onednn-3d # 3D training step with cpu_amp, oneDNN direct vs torch's path
     .venv/bin/python benchmarks/ab_same_process.py train-layout-3d # training step, contiguous vs channels-last (also -2d)
     .venv/bin/python benchmarks/ab_same_process.py predict-fused-3d # trained-model prediction: the ninth pass's inference
                                                                     # copy / + post-ops / + direct output (also -2d)
@@ -229,6 +230,36 @@ def _train_bf16_variants(ndim: str):
     return run, {name: (lambda name=name: current.__setitem__("name", name)) for name in steps}, time.perf_counter
 
 
+def _train_bf16_onednn_variants():
+    """One 3D training step with ``cpu_amp`` (bfloat16 autocast) on the train_step_3d inputs, its
+    3D convolutions called in oneDNN directly (:func:`embseg.net.onednn_autocast_dtype`) or as
+    torch's autocast path chooses them; each variant steps its own copy of the same start (the
+    last losses compared: bfloat16 rounds differently on the two paths)."""
+    import embseg.net as net_module
+
+    folder = HERE / "_work" / "inputs" / "full" / "train_step_3d"
+    meta = json.loads((folder / "meta.json").read_text())
+    rule = net_module.onednn_autocast_dtype
+    rules = {"oneDNN direct": rule, "torch's autocast path": lambda x, conv: None}
+    steps = {name: worker.bench_train_step("ours", folder, meta, bf16=True)[0] for name in rules}
+    current: dict = {}
+    count = dict.fromkeys(steps, 0)
+
+    def switch(name: str):
+        def go():
+            current["name"] = name
+            net_module.onednn_autocast_dtype = rules[name]
+        return go
+
+    def run():
+        name = current["name"]
+        count[name] += 1
+        torch.manual_seed(count[name])  # the k-th step of either variant draws the same dropout masks
+        return np.asarray(steps[name]())
+
+    return run, {name: switch(name) for name in steps}, time.perf_counter
+
+
 def _predict_bf16_variants(ndim: str):
     """End-to-end prediction with the trained model (the predict_*_trained inputs) in float32
     and with `amp=True` (bfloat16 autocast, on a CPU with native bf16)."""
@@ -318,6 +349,8 @@ def _variants(name: str, shape: tuple[int, ...], wider: float):
         return _train_onednn_variants(shape)
     if name == "cluster-scan":
         return _cluster_scan_variants(wider)
+    if name == "train-bf16-onednn-3d":
+        return _train_bf16_onednn_variants()
     if name.startswith("train-bf16"):
         return _train_bf16_variants(name.removeprefix("train-bf16-"))
     if name.startswith("train-layout"):
@@ -352,7 +385,7 @@ def main() -> None:
     parser.add_argument("what", choices=("cluster-trees", "medoid-groups", "predict-2d", "predict-3d", "train-relu-2d",
                                          "train-relu-3d", "onednn-3d", "train-onednn-3d", "cluster-scan", "loss-backend-2d",
                                          "loss-backend-3d", "predict-bf16-2d", "predict-bf16-3d", "train-bf16-2d",
-                                         "train-bf16-3d", "train-layout-2d", "train-layout-3d", "predict-fused-2d",
+                                         "train-bf16-3d", "train-bf16-onednn-3d", "train-layout-2d", "train-layout-3d", "predict-fused-2d",
                                          "predict-fused-3d"))
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--shape", default="32,96,96", help="onednn-3d: the volume (Z,Y,X)")
