@@ -45,6 +45,7 @@ sys.path.insert(0, str(HERE.parent / "src"))  # a checkout without an install (a
 from embseg.config import ModelConfig  # noqa: E402
 from embseg.data import TrainingCrops, dataset_properties  # noqa: E402
 from embseg.embedding import grid_step  # noqa: E402
+from embseg.io import atomic_write  # noqa: E402
 from embseg.loss import spatial_embedding_loss  # noqa: E402
 from embseg.model import Model, build_network, load_model, select_device  # noqa: E402
 from embseg.predict import autocast_dtype  # noqa: E402
@@ -231,9 +232,8 @@ def report(rows: list[dict], device: torch.device, command: str, elapsed: float)
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path, overwrite=True) as tmp:
+        tmp.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:

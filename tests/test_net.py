@@ -439,7 +439,7 @@ def test_3d_convolutions_under_bf16_autocast_call_onednn_like_autocast(monkeypat
 
     torch.manual_seed(3)
     # channels-last, as training on the CPU runs (in the contiguous layout this torch's bfloat16
-    # backward of the dilated axis convolutions gives non-finite weight gradients on both paths)
+    # backward of the 128-channel axis convolutions gives non-finite weight gradients on both paths)
     fmt = torch.channels_last_3d
     net = BranchedERFNet(3).train().to(memory_format=fmt)
     x = torch.randn(1, 1, 16, 32, 24).contiguous(memory_format=fmt)

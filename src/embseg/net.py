@@ -55,13 +55,18 @@ def onednn_applies(x: torch.Tensor, conv: nn.Module) -> bool:
     2D) sends the coarse layers of a thin volume or small crop to its slow reference kernels
     (``slow_conv3d``), 2–3x slower there, forward and backward (``benchmarks/RESULTS.md``).
     """
+    return (_direct_call_possible(x, conv) and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+            and not _cpu_autocast())
+
+
+def _direct_call_possible(x: torch.Tensor, conv: nn.Module) -> bool:
+    """What both direct-call rules need: a CPU input, zero padding, oneDNN enabled, not while
+    tracing, compiling or exporting."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
-        and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+        x.device.type == "cpu" and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
         and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
         and not torch.jit.is_tracing() and not (is_compiling is not None and is_compiling())
-        and not _cpu_autocast()
     )
 
 
@@ -89,16 +94,12 @@ def onednn_autocast_dtype(x: torch.Tensor, conv: nn.Module) -> torch.dtype | Non
 
     As :func:`onednn_applies` for float32: torch's size rule sends a small batch's coarse layers
     to slower kernels in bfloat16 too; direct calls took a 2x32x96² 3D training step with
-    ``cpu_amp`` from 0.56 to 0.43 s on an AVX512-BF16 CPU (``benchmarks/RESULTS.md``). The
+    ``cpu_amp`` from 465 to 380 ms on an AVX512-BF16 CPU (``benchmarks/RESULTS.md``). The
     casts are autocast's: input, weight and bias to bfloat16, the output bfloat16, the weight's
     gradient float32.
     """
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    if not (x.device.type == "cpu" and _cpu_autocast() and x.dtype in (torch.float32, torch.bfloat16)
-            and conv.weight.dtype == torch.float32 and conv.padding_mode == "zeros"
-            and isinstance(conv.padding, tuple)
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not torch.jit.is_tracing() and not (is_compiling is not None and is_compiling())):
+    if not (_direct_call_possible(x, conv) and _cpu_autocast() and x.dtype in (torch.float32, torch.bfloat16)
+            and conv.weight.dtype == torch.float32):
         return None
     if not native_bf16():  # oneDNN's bfloat16 kernels need AVX512-BF16 / AMX; torch's path otherwise
         return None
