@@ -470,3 +470,45 @@ def test_3d_convolutions_under_bf16_autocast_call_onednn_like_autocast(monkeypat
         assert embseg.net.onednn_autocast_dtype(torch.zeros(1, 8, 4, 5, 5), conv) == torch.bfloat16
         assert embseg.net.onednn_autocast_dtype(torch.zeros(1, 8, 2, 5, 5), conv) is None  # oneDNN's bug
     assert embseg.net.onednn_autocast_dtype(torch.zeros(1, 8, 4, 5, 5), conv) is None  # no autocast
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 32, 24), (2, 1, 8, 16, 24), (2, 5, 16, 8), (1, 3, 8, 8, 16), (1, 2, 9, 7), (1, 1, 5, 7, 9)]
+)
+def test_pairwise_max_pool_equals_torch_max_pool_with_ties_and_nan(shape):
+    """The same values as torch's max-pool, bit for bit: ties (integer images), NaN, odd sizes
+    (floored), one channel and contiguous many-channel inputs, where the pool modules take it."""
+    from embseg.net import MaxPool2d, MaxPool3d, pairwise_max_pool
+
+    g = torch.Generator().manual_seed(len(shape) + shape[1])
+    x = torch.randint(0, 3, shape, generator=g).float()  # many ties
+    x.view(-1)[:: 11] = float("nan")
+    x.view(-1)[1 :: 13] = -0.0
+    ndim = len(shape) - 2
+    expected = (nn.functional.max_pool2d if ndim == 2 else nn.functional.max_pool3d)(x, 2, 2)
+    got = pairwise_max_pool(x)
+    assert got.shape == expected.shape
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(expected))
+    pool = (MaxPool2d if ndim == 2 else MaxPool3d)(2, stride=2)
+    assert pool._pairwise(x) and torch.equal(torch.nan_to_num(pool(x)), torch.nan_to_num(expected))
+
+
+def test_pool_keeps_torch_max_pool_where_a_gradient_flows_or_it_is_traced():
+    """Autograd's maximum would split the gradient of ties; max-pool gives it to one element.
+    Where a gradient flows through the pool, or it is traced or exported, torch's own operator
+    runs (the network's gradients and its exports do not change)."""
+    from embseg.net import MaxPool2d
+
+    pool = MaxPool2d(2, stride=2)
+    x = torch.ones(1, 1, 4, 4, requires_grad=True)
+    assert not pool._pairwise(x)
+    pool(x).sum().backward()
+    assert sorted(x.grad.flatten().tolist()) == [0.0] * 12 + [1.0] * 4  # one element of each window
+    with torch.no_grad():
+        assert pool._pairwise(x)
+    traced = torch.jit.trace(pool, torch.zeros(1, 1, 4, 4))
+    assert "max_pool2d" in str(traced.graph)
+    # channels-last many-channel input: torch's kernel is as fast there
+    assert not pool._pairwise(torch.zeros(1, 4, 4, 4).contiguous(memory_format=torch.channels_last))
+    assert isinstance(BranchedERFNet(2).encoder.layers[0].pool, MaxPool2d)
