@@ -16,6 +16,8 @@
     .venv/bin/python benchmarks/ab_same_process.py train-layout-3d # training step, contiguous vs channels-last (also -2d)
     .venv/bin/python benchmarks/ab_same_process.py predict-fused-3d # trained-model prediction: the ninth pass's inference
                                                                     # copy / + post-ops / + direct output (also -2d)
+    .venv/bin/python benchmarks/ab_same_process.py predict-pool-3d  # trained-model prediction: torch's max-pool vs
+                                                                    # pairwise maxima (also -2d)
 
 Uses the inputs built by ``run.py`` (``benchmarks/_work/inputs/full``). Each variant's output is
 checked equal to the other's (``onednn-3d``: to float rounding, other kernels; ``train-onednn-3d``: to
@@ -342,6 +344,18 @@ def _predict_fused_variants(ndim: str):
     return run, variants, time.perf_counter
 
 
+def _predict_pool_variants(ndim: str):
+    """Trained-model prediction (the predict_*_trained inputs) with torch's max-pool in the
+    downsamplers, and with the pairwise maxima of :class:`embseg.net._PairwiseMaxPool` (as now)."""
+    folder = HERE / "_work" / "inputs" / "full" / f"predict_{ndim}_trained"
+    meta = json.loads((folder / "meta.json").read_text())
+    run, _ = worker.bench_predict("ours", folder, meta, False)
+    pool = embseg.net._PairwiseMaxPool
+    pairwise = pool._pairwise
+    return run, {"torch max-pool": lambda: setattr(pool, "_pairwise", lambda self, x: False),
+                 "pairwise maxima (now)": lambda: setattr(pool, "_pairwise", pairwise)}, time.perf_counter
+
+
 def _variants(name: str, shape: tuple[int, ...], wider: float):
     if name == "onednn-3d":
         return _onednn_variants(shape)
@@ -355,6 +369,8 @@ def _variants(name: str, shape: tuple[int, ...], wider: float):
         return _train_bf16_variants(name.removeprefix("train-bf16-"))
     if name.startswith("train-layout"):
         return _train_layout_variants(name.removeprefix("train-layout-"))
+    if name.startswith("predict-pool"):
+        return _predict_pool_variants(name.removeprefix("predict-pool-"))
     if name.startswith("predict-fused"):
         return _predict_fused_variants(name.removeprefix("predict-fused-"))
     if name.startswith("predict-bf16"):
@@ -386,7 +402,7 @@ def main() -> None:
                                          "train-relu-3d", "onednn-3d", "train-onednn-3d", "cluster-scan", "loss-backend-2d",
                                          "loss-backend-3d", "predict-bf16-2d", "predict-bf16-3d", "train-bf16-2d",
                                          "train-bf16-3d", "train-bf16-onednn-3d", "train-layout-2d", "train-layout-3d", "predict-fused-2d",
-                                         "predict-fused-3d"))
+                                         "predict-fused-3d", "predict-pool-2d", "predict-pool-3d"))
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--shape", default="32,96,96", help="onednn-3d: the volume (Z,Y,X)")
     parser.add_argument("--wider", type=float, default=0.0,
