@@ -50,7 +50,6 @@ def main() -> None:
 
     times: dict[str, list[float]] = defaultdict(list)
     flops: dict[str, float] = defaultdict(float)
-    counting = {"on": False}
 
     def start(module, _inputs):
         module._start = time.perf_counter()
@@ -59,12 +58,11 @@ def main() -> None:
         times[module._name].append(time.perf_counter() - module._start)
 
     def count(module, inputs, output):
-        if counting["on"]:
-            flops[module._block] += conv_flops(module, inputs[0], output)
+        flops[module._block] += conv_flops(module, inputs[0], output)
 
     for name, module in net.named_modules():
         if isinstance(module, BLOCKS):
-            module._name = f"{name} ({type(module).__mro__[1].__name__})"
+            module._name = f"{name} ({next(c for c in type(module).__mro__ if c in BLOCKS).__name__})"
             module.register_forward_pre_hook(start)
             module.register_forward_hook(stop)
     totals = []
@@ -78,9 +76,7 @@ def main() -> None:
                     if isinstance(child, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
                         child._block = f"{name} ({type(module).__name__})"
                         child.register_forward_hook(count)
-        counting["on"] = True
         plain(x)
-        counting["on"] = False
         # the output layers: kernel-2 stride-2 transposed convolutions, one multiply-add per
         # output voxel, output channel and input channel
         heads = sum(2.0 * x.numel() * d.output_conv.in_channels * d.output_conv.out_channels for d in plain.decoders)

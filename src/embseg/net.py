@@ -225,12 +225,12 @@ class _PairwiseMaxPool:
     or compiling (exports keep the standard operator). Elsewhere torch's own max-pool."""
 
     def _pairwise(self, x: torch.Tensor) -> bool:
-        ndim = x.dim() - 2
-        layout = torch.channels_last if ndim == 2 else torch.channels_last_3d
         if torch.jit.is_tracing() or _compiling():
             return False
+        ndim = x.dim() - 2
+        layout = torch.channels_last if ndim == 2 else torch.channels_last_3d
         return (
-            x.device.type == "cpu" and ndim in (2, 3)
+            x.device.type == "cpu"
             and _tuple(self.kernel_size, ndim) == _tuple(self.stride, ndim) == (2,) * ndim
             and _tuple(self.padding, ndim) == (0,) * ndim and _tuple(self.dilation, ndim) == (1,) * ndim
             and not self.ceil_mode and not self.return_indices
